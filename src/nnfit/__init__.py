@@ -1,0 +1,24 @@
+"""nnfit: teach a fully connected network a function from a formula or a table, then use it.
+
+    >>> import nnfit
+    >>> model = nnfit.fit(formula="x**2 + x", domain={"x": (0, 1)}, samples=1000)
+    >>> model.predict([[0.5]])
+
+Importing nnfit is cheap: torch is imported on first use of the API.
+"""
+
+from nnfit.config import Config
+from nnfit.errors import NnfitError, NnfitWarning
+
+__version__ = "0.1.0"
+__all__ = ["Config", "FittedModel", "NnfitError", "NnfitWarning", "fit", "load"]
+
+_LAZY = {"fit": "nnfit.api", "load": "nnfit.api", "FittedModel": "nnfit.api"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nnfit' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from nnfit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,252 @@
+"""The Python API: ``fit``, ``load`` and the fitted model. The CLI is a thin layer over this."""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import nnfit
+from nnfit import checkpoint, devices
+from nnfit.config import Config
+from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
+from nnfit.errors import NnfitError
+from nnfit.formula import parse_formula
+from nnfit.metrics import regression_metrics
+from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
+from nnfit.progress import Reporter
+from nnfit.train import TrainData, train
+
+PREDICT_CHUNK = 65536
+TEST_SEED_OFFSET = 1_000_003  # fresh test points never coincide with the training sample
+
+
+class FittedModel:
+    """A trained network with its scaling, names and provenance. Predictions are in original units."""
+
+    def __init__(self, module, scaling: Scaling, input_names, target_names, config: Config,
+                 history=None, summary=None):
+        self.module = module
+        self.scaling = scaling
+        self.input_names = tuple(input_names)
+        self.target_names = tuple(target_names)
+        self.config = config
+        self.history = list(history or [])
+        self.summary = dict(summary or {})
+        self.path: Path | None = None
+
+    def __repr__(self) -> str:
+        arch = architecture(self.module)
+        shape = "→".join(map(str, [arch["inputs"], *arch["hidden"], arch["outputs"]])) if arch["type"] == "mlp" \
+            else arch["class"]
+        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)})"
+
+    @property
+    def formula(self):
+        c = self.config
+        return parse_formula(c.formula, [d[0] for d in c.domain]) if c.formula else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def predict_tensor(self, X: torch.Tensor) -> torch.Tensor:
+        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k)."""
+        device = self.device
+        dtype = next(self.module.parameters()).dtype
+        x_mean, x_std, y_mean, y_std = self.scaling.tensors(device, dtype)
+        self.module.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(X), PREDICT_CHUNK):
+                xb = (X[i:i + PREDICT_CHUNK].to(device=device, dtype=dtype) - x_mean) / x_std
+                out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))
+        return torch.cat(out) if out else torch.empty(0, len(self.target_names), dtype=torch.float64)
+
+    def predict(self, X) -> np.ndarray:
+        """Predict for ``X`` (numpy array, DataFrame with the input columns, or tensor).
+
+        Returns shape (n,) for one target and (n, k) for several, in original units.
+        """
+        pred = self.predict_tensor(as_matrix(X, self.input_names)).numpy()
+        return pred[:, 0] if pred.shape[1] == 1 else pred
+
+    def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
+                 seed: int | None = None) -> dict[str, float]:
+        """Metrics in original units on a table (``data``), on arrays (``X``, ``y``), or for a
+        formula run with neither, on fresh points drawn from the domain."""
+        if X is not None:
+            X_t = as_matrix(X, self.input_names)
+            Y_t = torch.as_tensor(np.asarray(y, dtype=np.float64)).reshape(len(X_t), -1)
+        elif data is not None:
+            from nnfit.tables import load_table
+
+            table = load_table(data, target or list(self.target_names), list(self.input_names))
+            X_t, Y_t = torch.from_numpy(table.X), torch.from_numpy(table.Y)
+        else:
+            formula = self.formula
+            if formula is None:
+                raise NnfitError("this model was trained on a table; pass data=... (CLI: --data FILE) to evaluate it")
+            n = samples or self.config.test_samples
+            s = self.config.seed + TEST_SEED_OFFSET if seed is None else seed
+            X_t, Y_t = formula_values(formula, sample_domain(self.config.domain, n, s),
+                                      self.config.nonfinite, "test points")
+        if Y_t.shape[1] != len(self.target_names):
+            raise NnfitError(f"got {Y_t.shape[1]} target column(s), but the model predicts "
+                             f"{len(self.target_names)} ({', '.join(self.target_names)})")
+        return regression_metrics(self.predict_tensor(X_t), Y_t)
+
+    def save(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
+        """Write the run folder: weights, metadata, config, metrics, summary and plots."""
+        from nnfit import report
+
+        out = Path(out)
+        state = self.module.state_dict()
+        meta = {
+            "nnfit_version": nnfit.__version__,
+            "architecture": architecture(self.module),
+            "dtype": str(next(self.module.parameters()).dtype).replace("torch.", ""),
+            "input_names": list(self.input_names),
+            "target_names": list(self.target_names),
+            "scaling": self.scaling.to_dict(),
+        }
+        checkpoint.save_weights(out, state, meta)
+        checkpoint.write_json(out / "config.json", self.config.to_dict())
+        if self.summary:
+            checkpoint.write_json(out / "summary.json", self.summary)
+        if self.history:
+            report.write_metrics_csv(out / "metrics.csv", self.history)
+        if plots:
+            report.write_plots(out, self, problem)
+        self.path = out
+        return out
+
+
+def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, model=None,
+        config: Config | None = None, reporter: Reporter | None = None, **settings) -> FittedModel:
+    """Learn a function from a formula over a domain, or from a table.
+
+    Args:
+        formula: e.g. ``"x**2 + x"``; with ``domain={"x": (0, 1)}``. With neither formula nor
+            data, the tutorial's exercise ``x**2 + x`` on [0, 1] is learned.
+        data: a path (.csv, .tsv, .parquet, .npy, .npz) or a pandas DataFrame.
+        target, inputs: column names (a list, or a comma-separated string).
+        model: your own ``torch.nn.Module`` in place of the built-in MLP.
+        **settings: any ``Config`` field, named as the CLI option (``epochs``, ``batch_size``, ``lr``, ...).
+            ``out`` writes the run folder there.
+
+    Returns:
+        A FittedModel with ``predict``, ``evaluate`` and ``save``.
+    """
+    frame = None
+    if data is not None and not isinstance(data, (str, Path)):
+        frame, data = data, None
+    given = {"formula": formula, "domain": domain, "data": str(data) if data is not None else None,
+             "target": target, "inputs": inputs}
+    values = {k: v for k, v in given.items() if v is not None}
+    if config is None:
+        config = Config.from_dict({**values, **settings})
+    elif values or settings:
+        config = config.replace(**values, **settings)
+    if frame is not None and config.formula is not None:
+        raise NnfitError("formula and data were both given; choose one source of samples")
+    reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
+    ctx = devices.init_context(config)
+    try:
+        return _fit(config, ctx, frame, model, reporter)
+    finally:
+        devices.cleanup_context(ctx)
+
+
+def _fit(config: Config, ctx, frame, user_model, reporter: Reporter) -> FittedModel:
+    started = time.perf_counter()
+    problem = build_problem(config, frame)
+    if problem.formula is not None and config.formula is None:
+        config = config.replace(formula=problem.formula.text, domain=problem.domain)
+    train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
+    scaling = Scaling.fit(problem.X[train_idx], problem.Y[train_idx], problem.target_names)
+    dtype = getattr(torch, config.dtype)
+
+    torch.manual_seed(config.seed)
+    if user_model is not None:
+        user_model = instantiate(user_model)
+        check_module(user_model, problem.input_names, problem.target_names, None, None)
+    module = user_model or build_mlp(len(problem.input_names), len(problem.target_names), config)
+    module = devices.place_model(module, ctx, dtype)
+    check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
+
+    def prepared(idx):
+        X = scaling.scale_x(problem.X[idx])
+        Y = scaling.scale_y(problem.Y[idx])
+        return devices.to_device(X, ctx, dtype), devices.to_device(Y, ctx, dtype)
+
+    data = TrainData(*prepared(train_idx), *prepared(val_idx))
+    reporter.log(f"learning {problem.source} with {len(problem.input_names)} input(s) "
+                 f"({', '.join(problem.input_names)}) on {ctx.device}")
+    result = train(module, data, config, reporter)
+
+    fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
+    validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
+        if len(val_idx) else None
+    summary = {
+        "nnfit_version": nnfit.__version__,
+        "source": problem.source,
+        "inputs": list(problem.input_names),
+        "targets": list(problem.target_names),
+        "samples": {"train": len(train_idx), "validation": len(val_idx)},
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "recipe": result.recipe.describe(),
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+        "train_seconds": round(result.seconds, 4),
+        "device": str(ctx.device),
+        "validation": validation,
+    }
+    if problem.formula is not None:
+        summary["test"] = fitted.evaluate()
+        summary["test_samples"] = config.test_samples
+    summary["total_seconds"] = round(time.perf_counter() - started, 4)
+    summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
+    fitted.summary = summary
+    if config.out:
+        fitted.save(config.out, plots=config.plots, problem=problem)
+    return fitted
+
+
+def default_out() -> str:
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:
+    """Load a run folder written by ``fit(..., out=...)``, ``FittedModel.save`` or ``nnfit train``.
+
+    A run trained with a custom module needs that module (freshly built) as ``model``.
+    """
+    state, meta = checkpoint.load_weights(path)
+    arch = meta["architecture"]
+    if arch.get("type") == "mlp":
+        module = rebuild(arch)
+    elif model is None:
+        raise NnfitError(f"{path} was trained with a custom module ({arch.get('class')}); "
+                         "pass a fresh instance: nnfit.load(path, model=YourModule(...))")
+    else:
+        module = model
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    module = module.to(dtype=dtype)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise NnfitError(f"the weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from None
+    config = Config.from_dict(checkpoint.read_json(Path(path) / "config.json", "run config"))
+    module = module.to(devices.parse_device(device))
+    summary_path = Path(path) / "summary.json"
+    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
+    fitted = FittedModel(module, Scaling.from_dict(meta["scaling"]), meta["input_names"], meta["target_names"],
+                         config, summary=summary)
+    fitted.path = Path(path)
+    return fitted

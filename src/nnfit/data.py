@@ -1,0 +1,196 @@
+"""Samples to learn from: a formula over a domain or a table, validated, split and scaled."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nnfit.errors import NnfitError, NnfitWarning
+from nnfit.formula import Formula, parse_formula
+
+TUTORIAL_FORMULA = "x**2 + x"
+TUTORIAL_DOMAIN = (("x", 0.0, 1.0),)
+
+
+@dataclass
+class Problem:
+    """All samples (float64, shape (n, d) and (n, k)) and what they mean."""
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    input_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    source: str
+    formula: Formula | None = None
+    domain: tuple = ()
+
+
+def formula_of(config) -> Formula:
+    return parse_formula(config.formula, [name for name, _, _ in config.domain])
+
+
+def sample_domain(domain, n: int, seed: int, device="cpu", dtype=torch.float64) -> torch.Tensor:
+    """``n`` points drawn uniformly from the box ``domain`` with a seeded generator."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    low = torch.tensor([d[1] for d in domain], dtype=torch.float64)
+    high = torch.tensor([d[2] for d in domain], dtype=torch.float64)
+    X = low + (high - low) * torch.rand(n, len(domain), generator=gen, dtype=torch.float64)
+    return X.to(device=device, dtype=dtype)
+
+
+def formula_values(formula: Formula, X: torch.Tensor, nonfinite: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluate the formula; drop (with a warning) or refuse points where it is not finite."""
+    Y = formula(X).reshape(-1, 1)
+    finite = torch.isfinite(Y[:, 0])
+    bad = int((~finite).sum())
+    if bad:
+        example = X[~finite][0].tolist()
+        where = ", ".join(f"{v}={x:.6g}" for v, x in zip(formula.variables, example))
+        if nonfinite == "error" or bad == len(Y):
+            raise NnfitError(
+                f"formula {formula.text!r} is NaN or infinite at {bad} of {len(Y)} {what} (e.g. at {where}); "
+                "narrow the domain" + (" or pass --nonfinite drop" if bad < len(Y) else ""))
+        warnings.warn(f"formula {formula.text!r} is NaN or infinite at {bad} of {len(Y)} {what} "
+                      f"(e.g. at {where}); they were dropped (--nonfinite error refuses them)", NnfitWarning)
+        X, Y = X[finite], Y[finite]
+    return X, Y
+
+
+def build_problem(config, data=None) -> Problem:
+    """The samples a run learns from: a formula (the tutorial's by default) or a table."""
+    if data is not None or config.data is not None:
+        from nnfit.tables import load_table
+
+        table = load_table(data if data is not None else config.data, config.target or None, config.inputs)
+        X = torch.from_numpy(np.ascontiguousarray(table.X, dtype=np.float64))
+        Y = torch.from_numpy(np.ascontiguousarray(table.Y, dtype=np.float64))
+        return Problem(X, Y, tuple(table.input_names), tuple(table.target_names), table.source)
+    if config.formula is None and config.domain:
+        raise NnfitError("--domain was given without --formula")
+    formula_text = config.formula or TUTORIAL_FORMULA
+    domain = config.domain or TUTORIAL_DOMAIN
+    if config.formula is None:
+        config = config.replace(formula=formula_text, domain=domain)
+    formula = formula_of(config)
+    unused = [name for name, _, _ in domain if name not in _names_in(formula.text)]
+    if unused:
+        warnings.warn(f"domain variable(s) {', '.join(unused)} do not appear in formula {formula.text!r}",
+                      NnfitWarning)
+    X = sample_domain(domain, config.samples, config.seed)
+    X, Y = formula_values(formula, X, config.nonfinite, "sample points")
+    targets = tuple(config.target) or ("y",)
+    if len(targets) != 1:
+        raise NnfitError(f"a formula has one target, but --target names {len(targets)}: {', '.join(targets)}")
+    return Problem(X, Y, formula.variables, targets, f"formula {formula.text!r}", formula, tuple(domain))
+
+
+def _names_in(text: str) -> set[str]:
+    import ast
+
+    return {n.id for n in ast.walk(ast.parse(text, mode="eval")) if isinstance(n, ast.Name)}
+
+
+def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split into training and validation rows."""
+    n_val = int(round(n * val_split))
+    if val_split > 0 and n_val == 0:
+        n_val = 1
+    if n - n_val < 1:
+        raise NnfitError(f"{n} sample(s) leave none for training after a {val_split:.0%} validation split; "
+                         "give more data or a smaller --val-split")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    return perm[n_val:], perm[:n_val]
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Per-column mean and std of inputs and targets; the model sees standardized values."""
+
+    x_mean: tuple[float, ...]
+    x_std: tuple[float, ...]
+    y_mean: tuple[float, ...]
+    y_std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, X: torch.Tensor, Y: torch.Tensor, target_names=()) -> "Scaling":
+        def stats(T):
+            mean = T.mean(dim=0)
+            std = T.std(dim=0, unbiased=False) if len(T) > 1 else torch.zeros_like(mean)
+            constant = std <= 1e-12 * mean.abs().clamp_min(1.0)
+            return mean, torch.where(constant, torch.ones_like(std), std), constant
+
+        x_mean, x_std, _ = stats(X)
+        y_mean, y_std, constant = stats(Y)
+        if bool(constant.any()) and len(Y) > 1:
+            names = [n for n, c in zip(target_names or range(Y.shape[1]), constant.tolist()) if c]
+            warnings.warn(f"target {', '.join(map(str, names))} is constant; the fit is trivial", NnfitWarning)
+        return cls(*(tuple(t.tolist()) for t in (x_mean, x_std, y_mean, y_std)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scaling":
+        return cls(*(tuple(float(v) for v in d[k]) for k in ("x_mean", "x_std", "y_mean", "y_std")))
+
+    def to_dict(self) -> dict:
+        return {"x_mean": list(self.x_mean), "x_std": list(self.x_std),
+                "y_mean": list(self.y_mean), "y_std": list(self.y_std)}
+
+    def tensors(self, device, dtype):
+        return [torch.tensor(v, device=device, dtype=dtype) for v in (self.x_mean, self.x_std, self.y_mean, self.y_std)]
+
+    def scale_x(self, X: torch.Tensor) -> torch.Tensor:
+        mean, std, _, _ = self.tensors(X.device, X.dtype)
+        return (X - mean) / std
+
+    def scale_y(self, Y: torch.Tensor) -> torch.Tensor:
+        _, _, mean, std = self.tensors(Y.device, Y.dtype)
+        return (Y - mean) / std
+
+    def unscale_y(self, Y: torch.Tensor) -> torch.Tensor:
+        _, _, mean, std = self.tensors(Y.device, Y.dtype)
+        return Y * std + mean
+
+
+def as_matrix(X, input_names, what: str = "X") -> torch.Tensor:
+    """A numpy array, DataFrame or tensor as a float64 tensor of shape (n, len(input_names)).
+
+    A DataFrame is matched by column name; missing or extra columns are an error that names them.
+    """
+    d = len(input_names)
+    if hasattr(X, "columns"):  # a pandas DataFrame
+        cols = [str(c) for c in X.columns]
+        missing = [c for c in input_names if c not in cols]
+        extra = [c for c in cols if c not in input_names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing column(s) {', '.join(missing)}")
+            if extra:
+                parts.append(f"unexpected column(s) {', '.join(extra)}")
+            raise NnfitError(f"{what} has {' and '.join(parts)}; the model was trained on: {', '.join(input_names)}")
+        try:
+            X = X[list(input_names)].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise NnfitError(f"{what} has non-numeric values: {exc}") from None
+    if isinstance(X, torch.Tensor):
+        T = X.detach().to("cpu", torch.float64)
+    else:
+        try:
+            T = torch.from_numpy(np.array(X, dtype=np.float64, copy=True))
+        except (TypeError, ValueError) as exc:
+            raise NnfitError(f"{what} could not be read as numbers: {exc}") from None
+    if T.ndim == 1 and d == 1:
+        T = T.reshape(-1, 1)
+    elif T.ndim == 0:
+        T = T.reshape(1, 1) if d == 1 else T
+    if T.ndim != 2 or T.shape[1] != d:
+        raise NnfitError(f"{what} has shape {tuple(T.shape)}, but the model takes {d} input column(s) "
+                         f"({', '.join(input_names)}); pass an array of shape (n, {d})")
+    bad = ~torch.isfinite(T)
+    if bool(bad.any()):
+        rows, cols_ = bad.nonzero(as_tuple=True)
+        where = ", ".join(f"row {r + 1} column {input_names[c]!r}" for r, c in zip(rows[:5].tolist(), cols_[:5].tolist()))
+        raise NnfitError(f"{what} has NaN or infinite values at {where}; drop or fill them before predicting")
+    return T

@@ -1,0 +1,77 @@
+"""Progress you can watch: a live bar on a terminal, plain lines elsewhere, nothing with --quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Reporter:
+    """Prints training progress to stderr. Only the main process of a run gets a live one."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False, stream=None, live: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.quiet, self.verbose = quiet, verbose
+        self.live = (not quiet) and (self.stream.isatty() if live is None else live)
+        self._bar = None
+        self._last_line = 0.0
+        self._last_tick = 0.0
+        self._epochs = 0
+        self._steps = 1
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self._print(message)
+
+    def _print(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(message, highlight=False, markup=False)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def start(self, recipe, n_train: int, n_val: int) -> None:
+        self._epochs = recipe.epochs
+        self._steps = 1 if recipe.optimizer == "lbfgs" else -(-n_train // recipe.batch_size)
+        self.log(f"training on {n_train} samples, validating on {n_val}: {recipe.describe()}")
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                                 console=Console(file=self.stream), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("", total=self._steps, epoch=1, loss="-")
+
+    def tick(self, step: int, running_total, seen: int) -> None:
+        """Called every step; redraws the bar (one host sync) at most ten times a second."""
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        if now - self._last_tick > 0.1:
+            self._last_tick = now
+            self._bar.update(self._task, completed=step, loss=f"{float(running_total) / seen:.3e}")
+
+    def batch(self, epoch: int, step: int, loss) -> None:
+        if not self.quiet:
+            self._print(f"epoch {epoch} batch {step}: loss {float(loss.detach()):.4e}")
+
+    def epoch(self, row: dict, improved: bool) -> None:
+        if self._bar is not None:
+            self._bar.reset(self._task, total=self._steps, epoch=min(row["epoch"] + 1, self._epochs), loss="-")
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        # Fast epochs would flood the screen: print every epoch with --verbose, else at most ~2 lines a second.
+        if self.verbose or row["epoch"] in (1, self._epochs) or now - self._last_line >= 0.5:
+            self._last_line = now
+            mark = " *" if improved else ""
+            self._print(f"epoch {row['epoch']:>4}/{self._epochs}  train {row['train_loss']:.4e}  "
+                        f"val {row['val_loss']:.4e}  lr {row['lr']:.2e}  {row['seconds']:.2f}s{mark}")
+
+    def finish(self, result) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        self.log(f"stopped: {result.stopped}; best epoch {result.best_epoch} "
+                 f"(val loss {result.best_val_loss:.4e}), {result.seconds:.2f} s")

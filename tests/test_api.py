@@ -1,0 +1,211 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import nnfit
+from nnfit.errors import NnfitError, NnfitWarning
+
+
+def test_tutorial_exercise_is_learned(tutorial_run):
+    model, out = tutorial_run
+    s = model.summary
+    assert s["test"]["mse"] < 1e-6  # the tutorial's linear network stays near 6e-3
+    assert s["validation"]["r2"] > 0.9999
+    assert set(s["test"]) == {"mse", "rmse", "mae", "r2", "max_abs_error"}
+    x = np.linspace(0, 1, 7)
+    assert np.allclose(model.predict(x.reshape(-1, 1)), x**2 + x, atol=2e-3)
+
+
+def test_run_folder_has_every_file(tutorial_run):
+    _, out = tutorial_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "model.json", "metrics.csv", "summary.json",
+            "fit.png", "loss.png"} <= names
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["input_names"] == ["x"] and meta["target_names"] == ["y"]
+    assert len(meta["scaling"]["x_mean"]) == 1 and meta["scaling"]["y_std"][0] > 0
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "lr", "seconds"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == len(metrics) and summary["train_seconds"] > 0
+    assert (out / "fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_save_load_predict_gives_identical_numbers(tutorial_run, tmp_path):
+    model, out = tutorial_run
+    loaded = nnfit.load(out)
+    X = np.random.default_rng(1).uniform(0, 1, size=(257, 1))
+    assert np.array_equal(model.predict(X), loaded.predict(X))
+    assert loaded.input_names == ("x",) and loaded.config.formula == "x**2 + x"
+    # saving the loaded model again round-trips too
+    again = nnfit.load(loaded.save(tmp_path / "again", plots=False))
+    assert np.array_equal(again.predict(X), model.predict(X))
+
+
+def test_predict_accepts_numpy_dataframe_and_tensor(tutorial_run):
+    model, _ = tutorial_run
+    x = np.array([0.1, 0.5, 0.9])
+    a = model.predict(x.reshape(-1, 1))
+    assert a.shape == (3,)
+    assert np.array_equal(a, model.predict(pd.DataFrame({"x": x})))
+    assert np.array_equal(a, model.predict(torch.tensor(x).reshape(-1, 1)))
+    with pytest.raises(NnfitError, match="missing column"):
+        model.predict(pd.DataFrame({"z": x}))
+    with pytest.raises(NnfitError, match=r"shape \(3, 2\)"):
+        model.predict(np.zeros((3, 2)))
+    with pytest.raises(NnfitError, match="NaN or infinite values at row 2"):
+        model.predict(np.array([[0.1], [np.nan]]))
+
+
+def test_same_seed_gives_identical_weights():
+    kw = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=300, epochs=3, optimizer="adam", quiet=True)
+    a, b = nnfit.fit(**kw, seed=3), nnfit.fit(**kw, seed=3)
+    c = nnfit.fit(**kw, seed=4)
+    for (name, p), q in zip(a.module.state_dict().items(), b.module.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a.module.state_dict()["l1.weight"], c.module.state_dict()["l1.weight"])
+
+
+def test_two_input_formula_is_learned():
+    model = nnfit.fit(formula="x1 * x2 + x1", domain={"x1": (-1, 1), "x2": (-1, 1)}, samples=2000, quiet=True)
+    assert model.summary["test"]["mse"] < 1e-4
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_minibatch_optimizers_learn_a_line(optimizer):
+    model = nnfit.fit(formula="2*x + 3", domain={"x": (-1, 1)}, samples=500, optimizer=optimizer,
+                      epochs=30, batch_size=32, quiet=True)
+    first, last = model.history[0]["val_loss"], min(r["val_loss"] for r in model.history)
+    assert last < first / 10
+    assert model.summary["test"]["mse"] < 1e-2
+
+
+@pytest.mark.parametrize("schedule", ["none", "cosine", "onecycle"])
+def test_schedules_change_the_learning_rate_as_asked(schedule):
+    model = nnfit.fit(formula="x", domain={"x": (0, 1)}, samples=200, optimizer="adam", lr=1e-3, epochs=5,
+                      schedule=schedule, patience=100, quiet=True)
+    lrs = [r["lr"] for r in model.history]
+    if schedule == "none":
+        assert lrs == [1e-3] * 5
+    else:
+        assert lrs[-1] < 1e-3 * 0.5
+
+
+def test_table_with_several_targets(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(-1, 1, 1500), rng.uniform(-1, 1, 1500)
+    frame = pd.DataFrame({"a": a, "b": b, "s": a + b, "p": a * b, "label": ["k"] * 1500})
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    with pytest.warns(NnfitWarning, match="label"):
+        model = nnfit.fit(data=str(path), target="s,p", quiet=True)
+    assert model.input_names == ("a", "b") and model.target_names == ("s", "p")
+    pred = model.predict(frame[["a", "b"]])
+    assert pred.shape == (1500, 2)
+    assert model.summary["validation"]["r2"] > 0.999
+    metrics = model.evaluate(data=str(path))
+    assert metrics["r2"] > 0.999
+
+
+def test_dataframe_source_and_evaluate_with_arrays():
+    x = np.linspace(-1, 1, 400)
+    model = nnfit.fit(data=pd.DataFrame({"x": x, "y": 3 * x - 1}), target="y", quiet=True)
+    m = model.evaluate(X=x.reshape(-1, 1), y=3 * x - 1)
+    assert m["mse"] < 1e-4
+
+
+def test_targets_of_shape_n_never_broadcast_against_n_by_1():
+    # A (n,) target against (n, 1) predictions would silently become an (n, n) loss.
+    model = nnfit.fit(data=pd.DataFrame({"x": np.linspace(0, 1, 300), "y": np.linspace(0, 1, 300) ** 2}),
+                      target="y", quiet=True)
+    assert model.summary["validation"]["mse"] < 1e-4
+    with pytest.raises(ValueError, match="shape"):
+        from nnfit.metrics import regression_metrics
+        regression_metrics(torch.zeros(5, 1), torch.zeros(5))
+
+
+def test_linear_network_warns_and_cannot_fit_a_parabola():
+    with pytest.warns(NnfitWarning, match="linear"):
+        model = nnfit.fit(activation="none", quiet=True)
+    assert model.summary["test"]["mse"] > 1e-3  # the tutorial's bug, reproduced on purpose
+
+
+def test_time_budget_stops_training():
+    model = nnfit.fit(formula="sin(8*x)", domain={"x": (0, 1)}, samples=5000, optimizer="adam", epochs=10_000,
+                      batch_size=16, time_budget=0.5, quiet=True)
+    assert "time budget" in model.summary["stopped"]
+    assert model.summary["epochs"] < 10_000
+
+
+def test_early_stopping_restores_the_best_weights():
+    model = nnfit.fit(samples=200, optimizer="adam", lr=0.05, epochs=60, patience=5, schedule="none", quiet=True)
+    best = min(r["val_loss"] for r in model.history)
+    assert model.summary["best_epoch"] == 1 + [r["val_loss"] for r in model.history].index(best)
+    assert len(model.history) <= model.summary["best_epoch"] + 5
+
+
+class Custom(nn.Module):
+    def __init__(self, n_in=1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_in, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_custom_module_trains_saves_and_loads(tmp_path):
+    model = nnfit.fit(model=Custom(), out=str(tmp_path / "run"), plots=False, quiet=True)
+    assert model.summary["test"]["mse"] < 1e-4
+    with pytest.raises(NnfitError, match="custom module"):
+        nnfit.load(tmp_path / "run")
+    loaded = nnfit.load(tmp_path / "run", model=Custom())
+    assert np.array_equal(loaded.predict([[0.3]]), model.predict([[0.3]]))
+
+
+def test_custom_module_with_wrong_input_size_names_both_shapes():
+    with pytest.raises(NnfitError, match=r"first layer expects 3 input features, but the data has 1 column \(x\)"):
+        nnfit.fit(model=Custom(3), quiet=True)
+
+
+def test_custom_module_with_wrong_output_shape():
+    class Flat(Custom):
+        def forward(self, x):
+            return self.net(x)[:, 0]
+
+    with pytest.raises(NnfitError, match=r"returns shape \(2,\) .* must return shape \(2, 1\)"):
+        nnfit.fit(model=Flat(), quiet=True)
+
+
+def test_module_that_never_called_super_init():
+    class NoSuper(nn.Module):
+        def __init__(self):
+            self.l1 = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.l1(x)
+
+    with pytest.raises(NnfitError, match=r"never called super\(\).__init__\(\)"):
+        nnfit.fit(model=NoSuper, quiet=True)
+
+    class NoSuperNoLayers(nn.Module):
+        def __init__(self):
+            self.scale = 2.0
+
+    with pytest.raises(NnfitError, match=r"never called super\(\).__init__\(\)"):
+        nnfit.fit(model=NoSuperNoLayers(), quiet=True)
+
+
+def test_invalid_settings_are_reported_all_at_once():
+    with pytest.raises(NnfitError) as info:
+        nnfit.fit(lr=-1, batch_size=0, optimizer="nope", quiet=True)
+    msg = str(info.value)
+    assert "--lr" in msg and "--batch-size" in msg and "--optimizer" in msg
+
+
+def test_unknown_device_lists_the_devices_that_exist():
+    with pytest.raises(NnfitError, match="devices here: cpu"):
+        nnfit.fit(device="tpu", quiet=True)

@@ -1,0 +1,122 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nnfit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_predict_evaluate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", "--formula", "x**2 + x", "--domain", "x=0:1", "--samples", "500",
+                          "--out", str(out), "--quiet")
+    assert code == 0
+    assert "MSE" in stdout and "run folder" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["mse"] < 1e-4
+
+    code, stdout, _ = run(capsys, "predict", str(out), "--input", "x=0.5,1")
+    assert code == 0
+    frame = pd.read_csv(__import__("io").StringIO(stdout))
+    assert list(frame.columns) == ["x", "y_pred"]
+    assert np.allclose(frame["y_pred"], [0.75, 2.0], atol=1e-2)
+
+    table = tmp_path / "new.csv"
+    pd.DataFrame({"x": [0.1, 0.2], "y": [0.11, 0.24]}).to_csv(table, index=False)
+    code, _, _ = run(capsys, "predict", str(out), "--data", str(table), "--out", str(tmp_path / "p.csv"))
+    assert code == 0
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert np.allclose(preds["y_pred"], [0.11, 0.24], atol=1e-2)
+
+    code, stdout, _ = run(capsys, "evaluate", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["mse"] < 1e-4
+    code, stdout, _ = run(capsys, "evaluate", str(out), "--data", str(table), "--json")
+    assert code == 0 and json.loads(stdout)["mae"] < 1e-2
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["train", "--lr", "-1", "--batch-size", "0"], "--lr must be a positive number"),
+    (["train", "--lr", "-1", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["train", "--optimizer", "newton"], "--optimizer must be one of"),
+    (["train", "--formula", "x**2", "--data", "t.csv"], "choose one source"),
+    (["train", "--formula", "x**2"], "variable 'x' has no domain"),
+    (["train", "--formula", "x.real", "--domain", "x=0:1"], "attribute access"),
+    (["train", "--formula", "x", "--domain", "x=1:1"], "is empty"),
+    (["train", "--formula", "x", "--domain", "x=2:1"], "reversed bounds"),
+    (["train", "--formula", "x", "--domain", "x0:1"], "NAME=LOW:HIGH"),
+    (["train", "--data", "missing.csv", "--target", "y"], "file not found: missing.csv"),
+    (["train", "--device", "cuda:7"], "devices here: cpu"),
+    (["train", "--bogus"], "unrecognized arguments"),
+    (["predict", "no-such-run", "--input", "x=1"], "does not exist"),
+    (["evaluate", "no-such-run"], "does not exist"),
+])
+def test_mistakes_exit_2_with_one_line(argv, phrase, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run(capsys, *argv)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nnfit: error: ")
+    assert phrase in lines[0]
+    assert "Traceback" not in stderr
+
+
+def test_predict_input_errors(tutorial_run, capsys):
+    _, out = tutorial_run
+    for argv, phrase in ((["--input", "z=1"], "not an input"), (["--input", "x=abc"], "not a number"),
+                         ([], "either with --data")):
+        code, _, err = run(capsys, "predict", str(out), *argv)
+        assert code == 2 and phrase in err
+
+
+def test_predict_table_with_extra_column_is_refused(tutorial_run, capsys, tmp_path):
+    _, out = tutorial_run
+    table = tmp_path / "extra.csv"
+    pd.DataFrame({"x": [0.1], "w": [2.0]}).to_csv(table, index=False)
+    code, _, err = run(capsys, "predict", str(out), "--data", str(table))
+    assert code == 2 and "unexpected column(s) w" in err
+
+
+def test_subprocess_train_and_error(tmp_path):
+    out = tmp_path / "run"
+    ok = subprocess.run([sys.executable, "-m", "nnfit", "train", "--samples", "300", "--epochs", "5",
+                         "--out", str(out), "--no-plots"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (out / "model.safetensors").exists() and not (out / "fit.png").exists()
+    assert "epoch" in ok.stderr  # plain progress lines off a terminal
+    assert "\r" not in ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "nnfit", "train", "--formula", "open('f')", "--domain", "x=0:1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert "unknown function 'open'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from nnfit.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n" \
+           "assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: nnfit" in result.stdout
+
+
+def test_debug_shows_the_traceback(capsys):
+    from nnfit.errors import NnfitError
+
+    with pytest.raises(NnfitError):
+        main(["--debug", "train", "--lr", "-1"])
+
+
+def test_log_every_prints_batch_lines(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--samples", "200", "--optimizer", "adam", "--batch-size", "10",
+                       "--epochs", "1", "--log-every", "5", "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 0
+    assert "epoch 1 batch 5: loss" in err and "epoch 1 batch 15: loss" in err
