@@ -1,0 +1,246 @@
+"""Every user mistake: one row each, with the exit code and the key phrase of the message.
+
+None may produce a traceback, a hang, a silent wrong result or a partial run folder.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nnfit.cli import main
+
+NUMERIC_OPTIONS = [
+    ("--samples", "0", "--samples must be a positive integer"),
+    ("--test-samples", "-5", "--test-samples must be a positive integer"),
+    ("--epochs", "0", "--epochs must be a positive integer"),
+    ("--batch-size", "0", "--batch-size must be a positive integer"),
+    ("--patience", "-1", "--patience must be a positive integer"),
+    ("--log-every", "0", "--log-every must be a positive integer"),
+    ("--lr", "-0.1", "--lr must be a positive number"),
+    ("--lr", "nan", "--lr must be a positive number"),
+    ("--time-budget", "0", "--time-budget must be a positive number"),
+    ("--grad-clip", "-1", "--grad-clip must be a positive number"),
+    ("--weight-decay", "-1", "--weight-decay must be 0 or more"),
+    ("--momentum", "1.5", "--momentum must be in [0, 1)"),
+    ("--val-split", "1", "--val-split must be in [0, 1)"),
+    ("--seed", "-3", "--seed must be 0 or more"),
+    ("--hidden", "0,10", "--hidden must be positive widths"),
+    ("--epochs", "ten", "--epochs must be an integer, got 'ten'"),
+    ("--lr", "fast", "--lr must be a number, got 'fast'"),
+]
+CHOICES = [
+    ("--optimizer", "newton", "--optimizer must be one of auto, adam, adamw, sgd, lbfgs"),
+    ("--schedule", "step", "--schedule must be one of"),
+    ("--activation", "swish", "--activation must be one of relu, tanh"),
+    ("--dtype", "float16", "--dtype must be one of float32, float64"),
+    ("--nonfinite", "zero", "--nonfinite must be one of drop, error"),
+    ("--device", "tpu", "unknown device 'tpu'"),
+    ("--device", "cuda:3", "devices here: cpu"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.csv").write_text("")
+    (d / "header.csv").write_text("x,y\n")
+    (d / "ragged.csv").write_text("x,y\n1,2\n3,4,5\n6,7\n")
+    (d / "text.csv").write_text("x,y\n1,2\nabc,4\n5,6\n")
+    (d / "nan.csv").write_text("x,y\n1,2\n2,\n3,6\n")
+    (d / "inf.csv").write_text("x,y\n1,2\n2,inf\n3,6\n")
+    (d / "dup.csv").write_text("x,x,y\n1,2,3\n4,5,6\n")
+    (d / "one_row.csv").write_text("x,y\n1,2\n")
+    (d / "one_col.csv").write_text("y\n1\n2\n3\n")
+    (d / "good.csv").write_text("x,y\n" + "".join(f"{i / 50},{(i / 50) ** 2}\n" for i in range(50)))
+    (d / "binary.csv").write_bytes(bytes(range(256)) * 8)
+    pq.write_table(pa.table({"x": [1.0, 2.0], "y": [[1.0], [2.0]]}), d / "nested.parquet")
+    np.save(d / "cube.npy", np.zeros((4, 3, 2)))
+    np.savez(d / "noX.npz", y=np.zeros(5))
+    (d / "folder.csv").mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", "--samples", "200", "--epochs", "3", "--out", str(out), "--quiet", "--no-plots"]) == 0
+    return out
+
+
+def check(capsys, argv, code, phrase, out=None):
+    assert main(argv) == code
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("nnfit: error: ")
+    assert phrase in err, err
+    if out is not None:
+        assert not os.path.exists(out), "a failed run must not leave a run folder"
+
+
+TABLE_ROWS = [
+    ("empty.csv", "is empty"),
+    ("header.csv", "has 0 rows; at least 2 are needed"),
+    ("ragged.csv", "could not read"),
+    ("text.csv", "non-numeric"),
+    ("nan.csv", "row 2 column 'y'"),
+    ("inf.csv", "row 2 column 'y' (inf)"),
+    ("dup.csv", "repeated column names: x"),
+    ("one_row.csv", "has 1 rows; at least 2 are needed"),
+    ("one_col.csv", "no input columns left"),
+    ("binary.csv", "binary"),
+    ("nested.parquet", "nested"),
+    ("cube.npy", "3"),
+    ("noX.npz", "'X'"),
+    ("folder.csv", "is a directory"),
+    ("missing.csv", "file not found"),
+]
+
+
+@pytest.mark.parametrize("name, phrase", TABLE_ROWS)
+def test_bad_tables(files, tmp_path, capsys, name, phrase):
+    target = [] if name.endswith((".npy", ".npz")) else ["--target", "y"]
+    out = tmp_path / "out"
+    check(capsys, ["train", "--data", str(files / name), *target, "--out", str(out)], 2, phrase, out)
+
+
+def test_missing_target_and_input_columns(files, tmp_path, capsys):
+    check(capsys, ["train", "--data", str(files / "good.csv"), "--target", "z", "--out", str(tmp_path / "o")],
+          2, "columns are: x, y", tmp_path / "o")
+    check(capsys, ["train", "--data", str(files / "good.csv"), "--target", "y", "--inputs", "w",
+                   "--out", str(tmp_path / "o")], 2, "input column 'w' not found", tmp_path / "o")
+    check(capsys, ["train", "--data", str(files / "good.csv"), "--out", str(tmp_path / "o")],
+          2, "no target given", tmp_path / "o")
+
+
+def test_huge_claimed_size(files, tmp_path, capsys, monkeypatch):
+    from nnfit import tables
+
+    monkeypatch.setattr(tables, "MAX_BYTES", 10)
+    check(capsys, ["train", "--data", str(files / "good.csv"), "--target", "y", "--out", str(tmp_path / "o")],
+          2, "nnfit reads tables up to", tmp_path / "o")
+
+
+def test_no_read_permission(files, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def guarded(path, *a, **k):
+        if str(path).endswith("good.csv"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    check(capsys, ["train", "--data", str(files / "good.csv"), "--target", "y", "--out", str(tmp_path / "o")],
+          2, "no permission to read", tmp_path / "o")
+
+
+FORMULA_ROWS = [
+    (["--formula", "x**2 +", "--domain", "x=0:1"], "not valid syntax"),
+    (["--formula", "gamma(x)", "--domain", "x=0:1"], "unknown function 'gamma'"),
+    (["--formula", "x.imag", "--domain", "x=0:1"], "attribute access"),
+    (["--formula", "__class__", "--domain", "x=0:1"], "dunder"),
+    (["--formula", "9**9**9", "--domain", "x=0:1"], "exponent"),
+    (["--formula", "x**2", "--domain", "x=1:1"], "is empty"),
+    (["--formula", "x**2", "--domain", "x=1:0"], "reversed bounds"),
+    (["--formula", "x*y", "--domain", "x=0:1"], "variable 'y' has no domain"),
+    (["--formula", "sqrt(x)", "--domain", "x=-1:1", "--nonfinite", "error"], "or pass --nonfinite drop"),
+    (["--formula", "log(x)", "--domain", "x=-2:-1"], "NaN or infinite at 1000 of 1000"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", FORMULA_ROWS)
+def test_bad_formulas(tmp_path, capsys, argv, phrase):
+    out = tmp_path / "o"
+    check(capsys, ["train", *argv, "--out", str(out)], 2, phrase, out)
+
+
+def test_division_by_zero_in_the_domain_warns_with_the_count(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--formula", "1/(x - x)", "--domain", "x=0:1", "--samples", "100",
+                 "--out", str(out)]) == 2
+    _, err = capsys.readouterr()
+    assert "NaN or infinite at 100 of 100" in err and not out.exists()
+    assert main(["train", "--formula", "sqrt(x)", "--domain", "x=-0.1:1", "--samples", "400", "--epochs", "2",
+                 "--out", str(out), "--quiet", "--no-plots"]) == 0
+    _, err = capsys.readouterr()
+    assert "nnfit: warning:" in err and "they were dropped" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"]["train"] + summary["samples"]["validation"] < 400
+
+
+@pytest.mark.parametrize("flag, value, phrase", NUMERIC_OPTIONS + CHOICES)
+def test_bad_settings(tmp_path, capsys, flag, value, phrase):
+    out = tmp_path / "o"
+    check(capsys, ["train", flag, value, "--out", str(out)], 2, phrase, out)
+
+
+def test_conflicting_options(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    check(capsys, ["train", "--formula", "x", "--domain", "x=0:1", "--data", str(files / "good.csv"),
+                   "--out", str(out)], 2, "choose one source", out)
+    check(capsys, ["train", "--quiet", "--verbose", "--out", str(out)], 2, "choose one", out)
+    check(capsys, ["train", "--domain", "x=0:1", "--out", str(out)], 2, "--domain was given without --formula", out)
+
+
+def _copy(run_dir, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def test_missing_run_folder(tmp_path, capsys):
+    check(capsys, ["predict", str(tmp_path / "nope"), "--input", "x=1"], 2, "does not exist")
+
+
+def test_corrupted_weights(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    blob = bytearray((run / "model.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (run / "model.safetensors").write_bytes(bytes(blob))
+    check(capsys, ["predict", str(run), "--input", "x=1"], 2, "does not match the checksum")
+
+
+def test_truncated_weights(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    blob = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    check(capsys, ["evaluate", str(run)], 2, "truncated, corrupted")
+
+
+def test_edited_metadata(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    meta = json.loads((run / "model.json").read_text())
+    meta["weights"]["sha256"] = "0" * 64
+    (run / "model.json").write_text(json.dumps(meta))
+    check(capsys, ["predict", str(run), "--input", "x=1"], 2, "checksum")
+    (run / "model.json").write_text("{not json")
+    check(capsys, ["predict", str(run), "--input", "x=1"], 2, "not valid JSON")
+
+
+def test_newer_format_names_both_versions(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    meta = json.loads((run / "model.json").read_text())
+    meta["format_version"] = 99
+    meta["nnfit_version"] = "9.0.0"
+    (run / "model.json").write_text(json.dumps(meta))
+    check(capsys, ["predict", str(run), "--input", "x=1"], 2, "format version 99")
+    _, err = capsys.readouterr()
+
+
+def test_predict_with_wrong_columns_or_nan(run_dir, tmp_path, capsys):
+    (tmp_path / "missing.csv").write_text("z\n1\n")
+    (tmp_path / "extra.csv").write_text("x,w\n1,2\n")
+    (tmp_path / "nan.csv").write_text("x\n1\nnan\n")
+    check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "missing.csv")], 2, "missing input column(s) x")
+    check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "extra.csv")], 2, "unexpected column(s) w")
+    check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "nan.csv")], 2, "row 2 column 'x'")
+    check(capsys, ["predict", str(run_dir), "--input", "x=nan"], 2, "NaN")
