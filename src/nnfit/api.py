@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import numpy as np
 import torch
 
 import nnfit
-from nnfit import checkpoint, devices
+from nnfit import checkpoint, devices, freeze
 from nnfit.config import Config
 from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
-from nnfit.errors import NnfitError
+from nnfit.errors import NnfitError, NnfitWarning
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
@@ -61,10 +62,21 @@ class FittedModel:
         x_mean, x_std, y_mean, y_std = self.scaling.tensors(device, dtype)
         self.module.eval()
         out = []
+        chunk, i = getattr(self, "_chunk", PREDICT_CHUNK), 0
+        guard = devices.MemoryGuard(self.config.min_batch_size, lambda line: warnings.warn(line, NnfitWarning))
         with torch.inference_mode():
-            for i in range(0, len(X), PREDICT_CHUNK):
-                xb = (X[i:i + PREDICT_CHUNK].to(device=device, dtype=dtype) - x_mean) / x_std
-                out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))
+            while i < len(X):
+                try:
+                    xb = (X[i:i + chunk].to(device=device, dtype=dtype) - x_mean) / x_std
+                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))
+                except RuntimeError as exc:
+                    if not devices.is_out_of_memory(exc):
+                        raise
+                    xb = None
+                if xb is None:  # out of memory: the exception and what it held are gone; halve and retry
+                    chunk = self._chunk = guard.halve(chunk, "prediction", device)
+                    continue
+                i += chunk
         return torch.cat(out) if out else torch.empty(0, len(self.target_names), dtype=torch.float64)
 
     def predict(self, X) -> np.ndarray:
@@ -113,6 +125,7 @@ class FittedModel:
             "input_names": list(self.input_names),
             "target_names": list(self.target_names),
             "scaling": self.scaling.to_dict(),
+            "frozen": [n for n, p in freeze.unwrap(self.module).named_parameters() if not p.requires_grad],
         }
         checkpoint.save_weights(out, state, meta)
         checkpoint.write_json(out / "config.json", self.config.to_dict())
@@ -121,7 +134,10 @@ class FittedModel:
         if self.history:
             report.write_metrics_csv(out / "metrics.csv", self.history)
         if plots:
+            from nnfit import html_report
+
             report.write_plots(out, self, problem)
+            html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
         self.path = out
         return out
 
@@ -154,21 +170,36 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         config = config.replace(**values, **settings)
     if frame is not None and config.formula is not None:
         raise NnfitError("formula and data were both given; choose one source of samples")
-    reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
+    if config.devices > 1 and not devices.launched():
+        from nnfit import launch
+
+        return launch.fit_in_workers(config, frame, model)
     ctx = devices.init_context(config)
+    # Under torch.distributed only rank 0 prints progress and warnings.
+    if not ctx.is_main:
+        reporter = Reporter(quiet=True)
+    reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
     try:
-        return _fit(config, ctx, frame, model, reporter)
+        with warnings.catch_warnings():
+            if not ctx.is_main:
+                warnings.simplefilter("ignore", NnfitWarning)
+            return _fit(config, ctx, frame, model, reporter)
     finally:
         devices.cleanup_context(ctx)
 
 
-def _fit(config: Config, ctx, frame, user_model, reporter: Reporter) -> FittedModel:
+def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
+         scaling: Scaling | None = None) -> FittedModel:
+    """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit."""
     started = time.perf_counter()
     problem = build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
-    scaling = Scaling.fit(problem.X[train_idx], problem.Y[train_idx], problem.target_names)
+    init = checkpoint.load_weights(config.init_from) if config.init_from else None
+    if init is not None and not config.refit_scaling and scaling is None:
+        scaling = Scaling.from_dict(init[1]["scaling"])  # fine-tuning keeps the run's units by default
+    scaling = scaling or Scaling.fit(problem.X[train_idx], problem.Y[train_idx], problem.target_names)
     dtype = getattr(torch, config.dtype)
 
     torch.manual_seed(config.seed)
@@ -176,18 +207,29 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter) -> FittedMo
         user_model = instantiate(user_model)
         check_module(user_model, problem.input_names, problem.target_names, None, None)
     module = user_model or build_mlp(len(problem.input_names), len(problem.target_names), config)
+    if init is not None:
+        _start_from(module, *init, config.init_from, problem.input_names)
+    if config.freeze:
+        freeze.freeze(module, config.freeze)  # before placing: a distributed wrapper must see the final flags
     module = devices.place_model(module, ctx, dtype)
     check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
+
+    devices.reset_peak_memory(ctx)
+    nbytes = len(problem.X) * (problem.X.shape[1] + problem.Y.shape[1]) * torch.finfo(dtype).bits // 8
+    data_at, data_line = devices.data_device(config.data_on, ctx, nbytes)
 
     def prepared(idx):
         X = scaling.scale_x(problem.X[idx])
         Y = scaling.scale_y(problem.Y[idx])
-        return devices.to_device(X, ctx, dtype), devices.to_device(Y, ctx, dtype)
+        return devices.to_device(X, ctx, dtype, data_at), devices.to_device(Y, ctx, dtype, data_at)
 
     data = TrainData(*prepared(train_idx), *prepared(val_idx))
+    before = _before(module, init[1], config, problem, val_idx) if init is not None else None
+    workers = f" and {ctx.world_size - 1} more worker(s), DDP over {ctx.backend}" if ctx.distributed else ""
     reporter.log(f"learning {problem.source} with {len(problem.input_names)} input(s) "
-                 f"({', '.join(problem.input_names)}) on {ctx.device}")
-    result = train(module, data, config, reporter)
+                 f"({', '.join(problem.input_names)}) on {ctx.device}{workers}")
+    reporter.log(data_line)
+    result = train(module, data, config, reporter, ctx)
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
     validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
@@ -210,12 +252,66 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter) -> FittedMo
     if problem.formula is not None:
         summary["test"] = fitted.evaluate()
         summary["test_samples"] = config.test_samples
+    if init is not None:
+        summary["init_from"] = before
+    if result.frozen:
+        summary["frozen"] = freeze.summary_line(result.frozen)
+    summary["parameter_table"] = freeze.parameter_rows(module, result.grad_norms, result.moved, result.unfrozen_at)
+    summary["world_size"] = ctx.world_size
+    summary["precision"] = config.precision
+    summary["data"] = data_line.removeprefix("data: ")
+    summary["final_batch_size"] = result.batch_size_final
+    summary["oom_retries"] = result.oom_retries
+    summary["peak_memory"] = devices.peak_memory(ctx)  # a collective under DDP: every rank gets here
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
-    if config.out:
+    if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
         fitted.save(config.out, plots=config.plots, problem=problem)
     return fitted
+
+
+def _start_from(module, state, meta, path, input_names) -> None:
+    """Load the weights of run ``path`` into ``module``; the architectures must match."""
+    theirs, ours = meta["architecture"], architecture(module)
+    if theirs != ours:
+        differ = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
+        hint = " ".join(f"--{k} {','.join(map(str, theirs[k])) if isinstance(theirs[k], list) else theirs[k]}"
+                        for k in ("hidden", "activation") if k in differ and k in theirs)
+        raise NnfitError(
+            f"--init-from {path} has a different architecture (they differ in {', '.join(differ)}): "
+            f"{path}: {_describe(theirs, meta.get('input_names'))}; this run: {_describe(ours, input_names)}. "
+            + (f"Pass {hint} to build the same network" if hint
+               else "Fine-tune on data with the same inputs and targets"))
+    if list(meta.get("input_names", input_names)) != list(input_names):
+        warnings.warn(f"--init-from {path} was trained on inputs ({', '.join(meta['input_names'])}) and this run has "
+                      f"({', '.join(input_names)}); the weights are used column by column, in this order",
+                      NnfitWarning, stacklevel=3)
+    module.load_state_dict(state)
+
+
+def _describe(arch: dict, input_names=None) -> str:
+    if arch.get("type") != "mlp":
+        shapes = ", ".join(f"{n} {tuple(s)}" for n, s in arch.get("parameters", {}).items())
+        return f"{arch.get('class')} with {shapes}"
+    names = f" ({', '.join(input_names)})" if input_names else ""
+    layers = [f"{arch['inputs']} input(s){names}", *arch["hidden"], f"{arch['outputs']} output(s)"]
+    widths = " → ".join(map(str, layers))
+    return f"{widths}, activation {arch['activation']}"
+
+
+def _before(module, meta, config: Config, problem: Problem, val_idx) -> dict:
+    """The --init-from model's errors on this run's validation and test points, before fine-tuning."""
+    before = FittedModel(module, Scaling.from_dict(meta["scaling"]), problem.input_names, problem.target_names, config)
+    out = {"run": str(config.init_from), "scaling": "recomputed" if config.refit_scaling else "kept from the run"}
+    if len(val_idx):
+        out["validation_before"] = before.evaluate(X=problem.X[val_idx], y=problem.Y[val_idx])
+    if problem.formula is not None:
+        X, Y = formula_values(problem.formula, sample_domain(config.domain, config.test_samples,
+                                                             config.seed + TEST_SEED_OFFSET),
+                              config.nonfinite, "test points")
+        out["test_before"] = before.evaluate(X=X, y=Y)
+    return out
 
 
 def default_out() -> str:
@@ -242,6 +338,10 @@ def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> Fit
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise NnfitError(f"the weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from None
+    named = dict(module.named_parameters())
+    for name in meta.get("frozen", []):  # the run's freeze state: inspect and further training see it
+        if name in named:
+            named[name].requires_grad_(False)
     config = Config.from_dict(checkpoint.read_json(Path(path) / "config.json", "run config"))
     module = module.to(devices.parse_device(device))
     summary_path = Path(path) / "summary.json"

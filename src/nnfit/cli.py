@@ -13,8 +13,9 @@ from pathlib import Path
 from nnfit.config import FIELDS, Config, parse_cli_value
 from nnfit.errors import NnfitError, NnfitWarning
 
-GROUPS = {"data": "what to learn", "model": "the network", "training": "training",
-          "device": "device", "output": "output"}
+GROUPS = {"data": "what to learn", "model": "the network", "freeze": "freezing and fine-tuning",
+          "training": "training", "device": "device", "output": "output"}
+REPEATABLE = {"domain": "NAME=LOW:HIGH", "patterns": "PATTERN", "unfreeze": "EPOCH:PATTERN", "lr_for": "PATTERN=LR"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,9 +35,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         if meta["kind"] == "bool":
             action = "store_false" if flag.startswith("--no-") else "store_true"
             group.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=meta["help"])
-        elif meta["kind"] == "domain":
+        elif meta["kind"] in REPEATABLE:
             group.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS,
-                               metavar="NAME=LOW:HIGH", help=meta["help"])
+                               metavar=REPEATABLE[meta["kind"]], help=meta["help"])
         else:
             metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
@@ -81,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--device", default="cpu", help="device to evaluate on (default: cpu)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    p = sub.add_parser("inspect", help="what trains and what is frozen: one row per parameter",
+                       description="One row per parameter: shape, elements, trainable or frozen, the gradient "
+                       "norm at the last step and how far it moved from its starting value; then the totals.")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--json", action="store_true", help="print the rows and totals as JSON")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    p = sub.add_parser("export", help="write the model as ONNX or TorchScript, scaling included",
+                       description="Write a deployable model: it takes inputs and returns outputs in original "
+                       "units (the scaling is baked in), with any batch size.")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
+                   help="onnx (needs pip install 'nnfit[export]') or torchscript")
+    p.add_argument("--out", help="file to write (default: RUN/model.onnx or RUN/model.pt)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -124,14 +141,29 @@ def cmd_train(args) -> int:
 
     config = config_from_args(args)
     model = nnfit.fit(config=config)
+    if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
+        return 0
     s = model.summary
     print(f"\n{s['source']}: {s['epochs']} epochs in {s['train_seconds']:.2f} s ({s['stopped']})")
-    print(metrics_table({"validation": s.get("validation"), "test": s.get("test")}))
+    before = s.get("init_from", {})
+    print(metrics_table({"validation": s.get("validation"), "test before": before.get("test_before"),
+                         "test": s.get("test")}))
     if "test" in s:
         print(f"test: {s['test_samples']} fresh points from the domain, compared with the true formula")
+    if before:
+        print(f"started from {before['run']} (scaling {before['scaling']}); 'test before' is that model "
+              "on the same test points")
+    if "frozen" in s:
+        print(f"frozen: {s['frozen']}")
+    if s.get("oom_retries"):
+        print(f"out of memory {len(s['oom_retries'])} time(s): the last forward passes took {s['final_batch_size']} "
+              "rows at a time (the optimizer's batch was unchanged)")
+    if "peak_memory" in s:
+        print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
     written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
-    if args.command == "demo" or (config.formula == "x**2 + x" and config.data is None and not config.quiet):
+    if args.command == "demo" or (config.formula == "x**2 + x" and config.data is None and not config.quiet
+                                  and not config.init_from):
         print("the tutorial's own network (no activations, SGD lr 0.01, 10 epochs) stays near test MSE 6e-3: "
               "without activations it is linear. Try: nnfit train --activation none")
     return 0
@@ -207,7 +239,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate}
+def cmd_inspect(args) -> int:
+    from nnfit.freeze import inspect
+
+    inspection = inspect(args.run)
+    print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection.table())
+    return 0
+
+
+def cmd_export(args) -> int:
+    import nnfit
+    from nnfit.export import export
+
+    model = nnfit.load(args.run)
+    path = export(model, args.format, args.out)
+    print(f"wrote {path}: input x of shape (batch, {len(model.input_names)}), columns "
+          f"{', '.join(model.input_names)}; output y of shape (batch, {len(model.target_names)}), "
+          f"{', '.join(model.target_names)}; original units")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            "inspect": cmd_inspect, "export": cmd_export}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

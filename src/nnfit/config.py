@@ -57,6 +57,22 @@ class Config:
     activation: str = field(default="tanh", metadata=_opt(
         "activation between layers ('none' makes the network linear)", choices=ACTIVATIONS, group="model"))
 
+    # Freezing and fine-tuning.
+    freeze: tuple = field(default=(), metadata=_opt(
+        "freeze parameters: an exact name (l1.weight), a layer (l1) or a glob ('l*.bias') (repeat)",
+        kind="patterns", group="freeze"))
+    init_from: str | None = field(default=None, metadata=_opt(
+        "start from the weights of this run folder (the architecture must match)", group="freeze"))
+    refit_scaling: bool = field(default=False, metadata=_opt(
+        "with --init-from: recompute the scaling statistics from the new data instead of keeping the run's",
+        kind="bool", group="freeze"))
+    unfreeze_at: tuple = field(default=(), metadata=_opt(
+        "EPOCH:PATTERN unfreeze the named frozen parameters from this epoch on (repeat)",
+        kind="unfreeze", group="freeze"))
+    lr_for: tuple = field(default=(), metadata=_opt(
+        "PATTERN=LR learning rate of the named parameters, as their own parameter group (repeat; "
+        "the last match wins; not for lbfgs)", kind="lr_for", group="freeze"))
+
     # Training.
     optimizer: str = field(default="auto", metadata=_opt(
         "optimizer; 'auto' picks by data size: full-batch L-BFGS for small data, Adam otherwise",
@@ -87,6 +103,22 @@ class Config:
     # Where it runs.
     device: str = field(default="auto", metadata=_opt(
         "auto, cpu, cuda, cuda:N or mps ('auto' prefers CUDA, then MPS, then the CPU)", group="device"))
+    devices: int = field(default=1, metadata=_opt(
+        "train with DistributedDataParallel on N local workers: N GPUs on CUDA, N processes on the CPU "
+        "(--batch-size is the global batch)", kind="int", group="device"))
+    data_on: str = field(default="auto", metadata=_opt(
+        "where the training data lives: 'auto' keeps it on the GPU while it fits in half the free memory, "
+        "else in pinned CPU memory with batches copied as they are used", choices=DATA_ON, group="device"))
+    precision: str = field(default="32", metadata=_opt(
+        "32, or mixed precision with autocast: bf16, or 16-mixed (fp16 with a gradient scaler); "
+        "parameters and the saved model stay fp32", choices=PRECISIONS, group="device"))
+    min_batch_size: int = field(default=1, metadata=_opt(
+        "after an out-of-memory error the batch is halved and retried, down to this size", kind="int",
+        group="device"))
+    threads: int | None = field(default=None, metadata=_opt(
+        "CPU threads for torch's math during training (default: 1 for a small network on the CPU, where "
+        "more threads only add synchronization, see docs/benchmarks.md; torch's default otherwise)",
+        kind="int", group="device"))
 
     # Output.
     out: str | None = field(default=None, metadata=_opt(
@@ -94,7 +126,10 @@ class Config:
     log_every: int | None = field(default=None, metadata=_opt(
         "also print the loss every N batches", kind="int", group="output"))
     plots: bool = field(default=True, metadata=_opt(
-        "write fit.png and loss.png", kind="bool", group="output", flag="--no-plots"))
+        "write fit.png, loss.png and report.html", kind="bool", group="output", flag="--no-plots"))
+    tensorboard: bool = field(default=False, metadata=_opt(
+        "write TensorBoard scalars (train and val loss, lr, grad norm, examples/s) to RUN/tb; needs the "
+        "tensorboard package (pip install 'nnfit[tensorboard]')", kind="bool", group="output"))
     quiet: bool = field(default=False, metadata=_opt("print only errors and the result", kind="bool", group="output"))
     verbose: bool = field(default=False, metadata=_opt(
         "print every epoch and more detail", kind="bool", group="output"))
@@ -112,7 +147,8 @@ class Config:
             if value is not None and (not math.isfinite(value) or value <= 0):
                 p.append(f"--{name.replace('_', '-')} must be a positive {'integer' if integer else 'number'}, got {value}")
 
-        for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every"):
+        for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
+                     "min_batch_size", "threads"):
             positive(name, getattr(self, name))
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
@@ -147,8 +183,53 @@ class Config:
                 p.append(f"--domain {name}={low}:{high} has reversed bounds; did you mean {name}={high}:{low}?")
         if self.quiet and self.verbose:
             p.append("--quiet and --verbose were both given; choose one")
+        if self.tensorboard and not self.out:
+            p.append("--tensorboard writes to RUN/tb, but no run folder was given; pass out=... (CLI: --out)")
         if self.optimizer == "lbfgs" and self.schedule not in ("auto", "none"):
             p.append(f"--schedule {self.schedule} does not apply to lbfgs; use --schedule none")
+        p += self._freeze_problems()
+        p += self._device_problems()
+        return p
+
+    def _device_problems(self) -> list[str]:
+        p = []
+        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                p.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.precision != "32" and self.dtype != "float32":
+            p.append(f"--precision {self.precision} mixes float32 parameters with lower precision; "
+                     f"it needs --dtype float32, got --dtype {self.dtype}")
+        if self.precision == "16-mixed" and self.optimizer == "lbfgs":
+            p.append("--precision 16-mixed scales the loss for fp16, which L-BFGS's line search cannot use; "
+                     "use --precision bf16 or --optimizer adam")
+        if self.batch_size and self.min_batch_size and self.min_batch_size > self.batch_size:
+            p.append(f"--min-batch-size {self.min_batch_size} is larger than --batch-size {self.batch_size}")
+        if self.batch_size and self.devices and self.devices > 1 and self.batch_size < self.devices:
+            p.append(f"--batch-size {self.batch_size} is the global batch and must be at least --devices "
+                     f"{self.devices}, so that every worker gets a row")
+        return p
+
+    def _freeze_problems(self) -> list[str]:
+        p = [f"--freeze needs a pattern such as l1, l1.weight or 'l*.bias', got {pattern!r}"
+             for pattern in self.freeze if not pattern]
+        for epoch, pattern in self.unfreeze_at:
+            if epoch <= 0 or not pattern:
+                p.append("--unfreeze-at must be EPOCH:PATTERN with a positive epoch, such as 5:l1, "
+                         f"got {epoch}:{pattern}")
+        for pattern, lr in self.lr_for:
+            if not pattern or not (math.isfinite(lr) and lr > 0):
+                p.append("--lr-for must be PATTERN=LR with a positive learning rate, such as l3=0.01, "
+                         f"got {pattern}={lr}")
+        if self.lr_for and self.optimizer == "lbfgs":
+            p.append("--lr-for gives parameters their own learning rate, but lbfgs takes all parameters in one "
+                     "group; use --optimizer adam, adamw or sgd")
+        for epoch, pattern in self.unfreeze_at:
+            if self.epochs is not None and epoch > self.epochs:
+                p.append(f"--unfreeze-at {epoch}:{pattern} is after the last epoch (--epochs {self.epochs}); "
+                         f"unfreeze at epoch {self.epochs} or earlier")
+        if self.refit_scaling and not self.init_from:
+            p.append("--refit-scaling only applies with --init-from RUN")
         return p
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +253,8 @@ def normalize(name: str, value: Any) -> Any:
     kind = FIELDS[name].metadata["kind"] if name in FIELDS else "str"
     if value is None:
         return None
+    if name == "precision" and isinstance(value, int):  # precision=32 from Python
+        return str(value)
     if kind == "domain":
         items = value.items() if isinstance(value, dict) else [(v[0], v[1:]) for v in value]
         out = []
@@ -185,6 +268,25 @@ def normalize(name: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",")]
         return tuple(str(v).strip() for v in value)
+    if kind == "patterns":
+        return tuple(v.strip() for item in ([value] if isinstance(value, str) else value) for v in str(item).split(","))
+    if kind == "unfreeze":
+        items = value
+        if isinstance(value, dict):  # {5: "l1"} or {5: ["l1", "l2"]}
+            items = [(e, pat) for e, pats in value.items() for pat in ([pats] if isinstance(pats, str) else pats)]
+        pairs = [_parse_unfreeze(v) if isinstance(v, str) else tuple(v) for v in items]
+        try:
+            return tuple((_integer(epoch), str(pattern).strip()) for epoch, pattern in pairs)
+        except (TypeError, ValueError):
+            raise NnfitError(f"unfreeze_at must map epochs to patterns, such as {{5: 'l1'}}, got {value!r}") from None
+    if kind == "lr_for":
+        pairs = value.items() if isinstance(value, dict) else \
+            [_parse_lr_for(v) if isinstance(v, str) else tuple(v) for v in value]
+        try:
+            return tuple((str(pattern).strip(), float(lr)) for pattern, lr in pairs)
+        except (TypeError, ValueError):
+            raise NnfitError("lr_for must map patterns to learning rates, such as {'l3': 0.01}, "
+                             f"got {value!r}") from None
     if kind == "ints":
         if isinstance(value, int):
             return (value,)
@@ -211,12 +313,46 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
             return tuple(v.strip() for v in text.split(",") if v.strip())
         if kind == "domain":
             return tuple(_parse_domain(item) for item in text)
+        if kind in ("patterns", "unfreeze", "lr_for"):
+            return _parse_items(name, flag, text, problems)
     except ValueError:
         example = {"int": "an integer", "float": "a number", "ints": "integers such as 100,100",
                    "domain": "NAME=LOW:HIGH such as x=0:1"}.get(kind, "a value")
         problems.append(f"{flag} must be {example}, got {text!r}")
         return FIELDS[name].default
     return text
+
+
+def _parse_items(name: str, flag: str, items, problems: list[str]) -> tuple:
+    """A repeatable option: each bad item is reported on its own."""
+    example = {"unfreeze": "EPOCH:PATTERN such as 5:l1", "lr_for": "PATTERN=LR such as l3=0.01"}
+    out = []
+    for item in items:
+        try:
+            out += normalize(name, [item])
+        except (ValueError, NnfitError):
+            problems.append(f"{flag} must be {example[FIELDS[name].metadata['kind']]}, got {item!r}")
+    return tuple(out)
+
+
+def _parse_unfreeze(text: str) -> tuple[int, str]:
+    epoch, sep, pattern = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    return _integer(epoch), pattern.strip()
+
+
+def _parse_lr_for(text: str) -> tuple[str, float]:
+    pattern, sep, lr = text.rpartition("=")
+    if not sep:
+        raise ValueError(text)
+    return pattern.strip(), float(lr)
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
 
 
 def _parse_domain(text: str) -> tuple[str, float, float]:

@@ -1,21 +1,33 @@
-"""Where things run. The only module that reads the environment or asks which devices exist."""
+"""Where things run. The only module that reads the environment or asks which devices exist.
+
+It parses device strings, builds the run's ``Context`` (one process, or one rank of a
+torch.distributed group started by ``torchrun`` or ``--devices N``), decides where the data
+lives, and recovers from out-of-memory errors.
+"""
 
 from __future__ import annotations
 
+import gc
+import os
 import re
-from dataclasses import dataclass
+import resource
+import socket
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 
 from nnfit.errors import NnfitError
 
+DATA_FRACTION = 0.5  # --data-on auto keeps the data on the GPU while it needs at most this share of free memory
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
-def available() -> list[str]:
-    """The devices that exist here, for error messages."""
-    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if _mps_available():
-        found.append("mps")
-    return found
+
+def gpu_count() -> int:
+    """Number of CUDA GPUs; the one place to mock in tests."""
+    return torch.cuda.device_count()
 
 
 def _mps_available() -> bool:
@@ -23,18 +35,26 @@ def _mps_available() -> bool:
     return bool(backend and backend.is_available())
 
 
+def available() -> list[str]:
+    """The devices that exist here, for error messages."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(gpu_count())]
+    if _mps_available():
+        found.append("mps")
+    return found
+
+
 def parse_device(spec: str) -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` into a device that exists."""
     text = str(spec).strip().lower()
+    count = gpu_count()
     if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+        if count:
+            return torch.device("cuda", 0)
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if match:
-        count = torch.cuda.device_count()
         index = int(match.group(1) or 0)
         if count == 0:
             raise NnfitError(f"device {spec!r} was asked for, but this machine has no CUDA GPU; "
@@ -51,6 +71,27 @@ def parse_device(spec: str) -> torch.device:
                      f"(devices here: {', '.join(available())})")
 
 
+def parse_devices(spec: str, n: int) -> list[torch.device]:
+    """The devices of ``--devices N`` workers: N GPUs on CUDA, N processes on the CPU."""
+    base = parse_device(spec)
+    if n == 1:
+        return [base]
+    if base.type == "mps":
+        raise NnfitError(f"--devices {n} needs CUDA GPUs or the CPU: torch.distributed has no backend for mps; "
+                         "use --device cpu for CPU processes or --devices 1")
+    if base.type == "cpu":
+        return [torch.device("cpu")] * n
+    if re.fullmatch(r"cuda:\d+", str(spec).strip().lower()):
+        raise NnfitError(f"--device {spec} names one GPU, but --devices {n} uses {n}; "
+                         "pass --device cuda (workers take cuda:0 … cuda:N-1) or --devices 1")
+    count = gpu_count()
+    if n > count:
+        raise NnfitError(f"--devices {n} asks for {n} GPUs, but this machine has {count}: "
+                         f"{', '.join(f'cuda:{i}' for i in range(count))}; use --devices {count} or fewer, "
+                         f"or --device cpu for {n} CPU processes")
+    return [torch.device("cuda", i) for i in range(n)]
+
+
 @dataclass(frozen=True)
 class Context:
     """Who this process is in a run: one process, or one rank of a torch.distributed group."""
@@ -59,6 +100,8 @@ class Context:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    backend: str | None = None  # set when this process joined a process group (it then trains with DDP)
+    _owns_group: bool = field(default=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -66,22 +109,208 @@ class Context:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
+
+
+def launched() -> int:
+    """World size when this process was started by torchrun or ``--devices N``, else 0."""
+    if not all(name in os.environ for name in TORCHRUN_VARS):
+        return 0
+    return _env_int("WORLD_SIZE")
+
+
+def _env_int(name: str) -> int:
+    text = os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise NnfitError(f"environment variable {name}={text!r} must be an integer (it is set by torchrun)") from None
 
 
 def init_context(config) -> Context:
-    return Context(device=parse_device(config.device))
+    """One process: the parsed ``--device``. Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set):
+    join the process group, NCCL on CUDA and gloo on the CPU, with ``cuda:LOCAL_RANK`` per worker."""
+    world = launched()
+    if not world:
+        return Context(device=parse_device(config.device))
+    import torch.distributed as dist
+
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    if config.devices > 1 and config.devices != world:
+        raise NnfitError(f"--devices {config.devices} was given, but torchrun started {world} worker(s); "
+                         f"drop --devices (torchrun already chose the workers) or pass --devices {world}")
+    spec = str(config.device).strip().lower()
+    if re.fullmatch(r"cuda:\d+", spec) and world > 1:
+        raise NnfitError(f"--device {config.device} names one GPU, but under torchrun each worker uses "
+                         "cuda:LOCAL_RANK; pass --device cuda or auto")
+    base = parse_device("cuda" if spec.startswith("cuda") else config.device)
+    if base.type == "mps":
+        raise NnfitError("torch.distributed has no backend for mps; run torchrun with --device cpu")
+    if base.type == "cuda":
+        if local_rank >= gpu_count():
+            raise NnfitError(f"worker with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but this machine has "
+                             f"{gpu_count()} GPU(s); start at most {gpu_count()} worker(s) per machine "
+                             "(torchrun --nproc-per-node)")
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Workers on one machine share its cores; oversubscribed threads make everyone slower.
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(max(1, _cpu_count() // max(1, per_node)))
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    return Context(device=device, rank=rank, local_rank=local_rank, world_size=world, backend=backend,
+                   _owns_group=owns)
 
 
 def cleanup_context(ctx: Context) -> None:
-    """Tear down what ``init_context`` set up (nothing in a single process)."""
+    """Tear down what ``init_context`` set up: the process group, if this context created it."""
+    if ctx.distributed and ctx._owns_group:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def to_device(tensor: torch.Tensor, ctx: Context, dtype=None) -> torch.Tensor:
-    """Place a tensor (data or a batch) on the run's device: the one place that moves data."""
-    return tensor.to(device=ctx.device, dtype=dtype or tensor.dtype)
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for the workers' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce(tensor: torch.Tensor, ctx: Context, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) a tensor over all ranks, in place; a no-op in a single process."""
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def to_device(tensor: torch.Tensor, ctx: Context, dtype=None, device=None) -> torch.Tensor:
+    """Place a tensor (data or a batch) on the run's device: the one place that moves data.
+
+    ``device`` overrides the target: data kept in CPU memory for a GPU run is pinned, so that
+    its batches can be copied with ``non_blocking=True``.
+    """
+    device = ctx.device if device is None else device
+    out = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    if device.type == "cpu" and ctx.device.type == "cuda":
+        out = out.pin_memory()
+    return out
 
 
 def place_model(model: torch.nn.Module, ctx: Context, dtype) -> torch.nn.Module:
     """Place the model on the run's device, in the run's dtype."""
     return model.to(device=ctx.device, dtype=dtype)
+
+
+def data_device(data_on: str, ctx: Context, nbytes: int) -> tuple[torch.device, str]:
+    """Where the training data lives, and a line that says why.
+
+    ``auto`` keeps it on a GPU while it needs at most DATA_FRACTION of the free GPU memory;
+    otherwise it stays in pinned CPU memory and each batch is copied as it is used.
+    """
+    size = _format_bytes(nbytes)
+    if data_on == "cpu":
+        where = "in pinned CPU memory" if ctx.device.type == "cuda" else "in CPU memory"
+        return torch.device("cpu"), f"data: {size} kept {where} (--data-on cpu); batches are copied to {ctx.device}"
+    if data_on == "device" or ctx.device.type != "cuda":
+        return ctx.device, f"data: {size} on {ctx.device}"
+    free = _cuda_free(ctx.device)
+    if nbytes <= DATA_FRACTION * free:
+        return ctx.device, (f"data: {size} on {ctx.device} (at most {DATA_FRACTION:.0%} of its "
+                            f"{_format_bytes(free)} free memory)")
+    return torch.device("cpu"), (f"data: {size} is more than {DATA_FRACTION:.0%} of the {_format_bytes(free)} "
+                                 f"free on {ctx.device}; kept in pinned CPU memory, batches copied as they are used")
+
+
+def _cuda_free(device: torch.device) -> int:
+    """Free memory on a GPU, within this process's cap (torch.cuda.set_per_process_memory_fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        allowed = int(getter(device) * total) - torch.cuda.memory_reserved(device)
+        free = min(free, max(0, allowed))
+    return free
+
+
+def reset_peak_memory(ctx: Context) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+
+
+def peak_memory(ctx: Context) -> dict:
+    """Peak memory of this run: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's
+    peak resident set. Under DDP, the largest over the ranks (a collective: every rank calls it)."""
+    if ctx.device.type == "cuda":
+        value, kind = torch.cuda.max_memory_allocated(ctx.device), "cuda max_memory_allocated"
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        value, kind = rss if sys.platform == "darwin" else rss * 1024, "peak resident set of the process"
+    if ctx.distributed:
+        t = torch.tensor([float(value)], device=ctx.device)
+        value, kind = int(all_reduce(t, ctx, "max").item()), kind + " (largest over the ranks)"
+    return {"bytes": int(value), "human": _format_bytes(value), "measure": kind}
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+# Out of memory.
+
+_OOM_MESSAGES = ("MPS backend out of memory", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's ``torch.cuda.OutOfMemoryError``, or the out-of-memory message of MPS (or the CPU allocator)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what the caching allocator holds once nothing refers to it any more."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+@dataclass
+class MemoryGuard:
+    """Halves a batch size after an out-of-memory error, down to ``min_batch_size``, with a line per retry."""
+
+    min_batch_size: int = 1
+    log: object = print
+    retries: list = field(default_factory=list)
+
+    def halve(self, size: int, where: str, device: torch.device) -> int:
+        free_memory(device)
+        new = size // 2
+        if new < self.min_batch_size:
+            raise NnfitError(
+                f"out of memory in {where} on {device} even with a batch of {size} row(s) "
+                f"(the floor is --min-batch-size {self.min_batch_size}); keep the data off the GPU with "
+                "--data-on cpu, use a smaller model (--hidden), or --precision bf16")
+        self.retries.append({"where": where, "from": size, "to": new})
+        self.log(f"out of memory in {where} with a batch of {size}; retrying with {new} "
+                 f"(floor --min-batch-size {self.min_batch_size})")
+        return new

@@ -104,7 +104,10 @@ def check_module(module, input_names, target_names, device, dtype) -> None:
 def device_report(module: nn.Module, device) -> str:
     """Name the parameters and buffers that are not on ``device``."""
     device = torch.device(device)
-    wrong = [f"{name} is on {t.device}" for name, t in [*module.named_parameters(), *module.named_buffers()]
+    # Plain tensor attributes (self.shift = torch.ones(1)) are not moved by .to(): the usual culprit.
+    attributes = [(f"{prefix}.{key}" if prefix else key, value) for prefix, sub in module.named_modules()
+                  for key, value in vars(sub).items() if isinstance(value, torch.Tensor)]
+    wrong = [f"{name} is on {t.device}" for name, t in [*module.named_parameters(), *module.named_buffers(), *attributes]
              if t.device.type != device.type]
     return ", ".join(wrong) or "none of its registered tensors (look for a tensor created in forward)"
 

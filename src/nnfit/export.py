@@ -1,0 +1,104 @@
+"""Deployable copies of a trained model, ONNX or TorchScript, that take and return original units.
+
+The scaling statistics become buffers of the exported module, so the graph computes
+``net((x - x_mean) / x_std) * y_std + y_mean``, and the batch dimension is dynamic.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import nnfit
+from nnfit.checkpoint import atomic_write_bytes
+from nnfit.errors import NnfitError
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+ONNX_OPSET = 17
+
+
+class Deployable(nn.Module):
+    """The trained network between its input scaling and its output unscaling, held as buffers."""
+
+    def __init__(self, module: nn.Module, scaling, dtype: torch.dtype):
+        super().__init__()
+        self.net = module
+        for name, values in scaling.to_dict().items():
+            self.register_buffer(name, torch.tensor(values, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.x_mean) / self.x_std) * self.y_std + self.y_mean
+
+
+def export(fitted, format: str, out=None) -> Path:
+    """Write ``fitted`` (a FittedModel) as ONNX or TorchScript; returns the file's path.
+
+    Args:
+        fitted: from ``nnfit.fit`` or ``nnfit.load``.
+        format: ``"onnx"`` (needs ``pip install 'nnfit[export]'``) or ``"torchscript"``.
+        out: the file to write (default: ``model.onnx`` or ``model.pt`` in the run folder).
+
+    The model takes one float tensor ``x`` of shape (batch, inputs), columns in the order of
+    ``fitted.input_names``, and returns ``y`` of shape (batch, targets), in original units.
+    """
+    if format not in FORMATS:
+        raise NnfitError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if out is None:
+        if fitted.path is None:
+            raise NnfitError("this model has no run folder; give the file to write: out=... (CLI: --out FILE)")
+        out = Path(fitted.path) / f"model{SUFFIXES[format]}"
+    dtype = next(fitted.module.parameters()).dtype
+    module = Deployable(copy.deepcopy(fitted.module).to("cpu"), fitted.scaling, dtype).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    example = torch.zeros(2, len(fitted.input_names), dtype=dtype)
+    meta = {"nnfit_version": nnfit.__version__, "input_names": list(fitted.input_names),
+            "target_names": list(fitted.target_names), "dtype": str(dtype).replace("torch.", ""),
+            "input": "x: (batch, inputs), columns in the order of input_names, original units",
+            "output": "y: (batch, targets), in the order of target_names, original units"}
+    data = _onnx_bytes(module, example, meta) if format == "onnx" else _torchscript_bytes(module, meta)
+    atomic_write_bytes(out, data)
+    return Path(out)
+
+
+def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
+    try:
+        import onnx
+    except ImportError:
+        raise NnfitError("ONNX export needs the onnx package, which is not installed; install it with "
+                         "pip install 'nnfit[export]' (onnx and onnxruntime)") from None
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter (dynamo=False) needs no onnxscript; torch marks it deprecated.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=ONNX_OPSET)
+    model = onnx.load_from_string(buf.getvalue())
+    model.doc_string = (f"nnfit model: inputs {', '.join(meta['input_names'])} -> "
+                        f"targets {', '.join(meta['target_names'])}, original units")
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value) if isinstance(value, list) else str(value)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _torchscript_bytes(module: nn.Module, meta: dict) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in favour of torch.export
+        try:
+            scripted = torch.jit.script(module)
+        except Exception:  # a custom module that TorchScript cannot compile: record its operations instead
+            scripted = torch.jit.trace(module, torch.zeros(2, len(meta["input_names"]),
+                                                           dtype=getattr(torch, meta["dtype"])))
+        torch.jit.save(scripted, buf, _extra_files={"nnfit.json": json.dumps(meta)})
+    return buf.getvalue()

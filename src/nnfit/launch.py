@@ -1,0 +1,120 @@
+"""``--devices N``: start N local workers that train together with DistributedDataParallel.
+
+The workers are spawned with ``torch.multiprocessing``. Each one gets the environment torchrun
+would give it (MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) and runs
+the ordinary ``nnfit.fit``, which joins the process group. When a worker fails, the others are
+stopped at once and the run fails with that worker's message: it never hangs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+from nnfit import devices
+from nnfit.errors import NnfitError, NnfitWarning
+
+GRACE_SECONDS = 5.0  # after one worker fails, how long the others get to exit before they are killed
+
+
+def run_workers(fn, args: tuple, n: int) -> None:
+    """Run ``fn(rank, *args)`` in ``n`` spawned workers of one process group; wait for all of them.
+
+    Raises:
+        NnfitError: a worker failed; it names the worker and its message. The others are stopped.
+    """
+    port = devices.free_port()
+    with tempfile.TemporaryDirectory(prefix="nnfit-workers-") as errors:
+        workers = mp.start_processes(_worker, args=(fn, args, n, port, errors), nprocs=n, join=False,
+                                     start_method="spawn")
+        try:
+            # join() returns as soon as any worker fails, and then stops the rest.
+            while not workers.join(grace_period=GRACE_SECONDS):
+                pass
+        except mp.ProcessException as exc:
+            raise NnfitError(_failure(exc, n, errors)) from None
+        except KeyboardInterrupt:
+            for process in workers.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise
+
+
+def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n))
+    if rank == 0:
+        warnings.showwarning = _show_warning
+    try:
+        fn(rank, *args)
+    except NnfitError as exc:  # the user's mistake: one line, as in a single process
+        Path(errors, f"{rank}.txt").write_text(str(exc))
+        sys.exit(2)
+    except Exception:
+        traceback.print_exc()  # a bug: the traceback goes to the terminal, the parent names the worker
+        raise
+
+
+def _failure(exc: mp.ProcessException, n: int, errors: str) -> str:
+    rank = exc.error_index
+    message = Path(errors, f"{rank}.txt")
+    if message.exists():
+        return f"worker {rank} of {n}: {message.read_text()}"
+    if isinstance(exc, mp.ProcessRaisedException):
+        last = next((line for line in reversed(exc.msg.strip().splitlines()) if line.strip()), "an error")
+        return (f"worker {rank} of {n} failed with {last.strip()} (its traceback is above); "
+                "the other workers were stopped")
+    how = f"was killed by signal {exc.signal_name}" if getattr(exc, "signal_name", None) \
+        else f"exited with code {exc.exit_code}"
+    return f"worker {rank} of {n} {how}; the other workers were stopped"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, NnfitWarning):
+        print(f"nnfit: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def fit_in_workers(config, frame, model):
+    """``fit`` with ``--devices N``: N workers train, rank 0 writes the run folder, and the model
+    is loaded from it here, on the CPU, without DDP."""
+    from nnfit.api import load
+    from nnfit.model import instantiate
+
+    devices.parse_devices(config.device, config.devices)  # too many GPUs: say so before starting anyone
+    scratch = None if config.out else tempfile.mkdtemp(prefix="nnfit-run-")
+    out = config.out or scratch
+    try:
+        run_workers(_fit_worker, (config.replace(out=out, plots=config.plots and scratch is None), frame, model),
+                    config.devices)
+        fitted = load(out, model=instantiate(model) if model is not None else None)
+        fitted.history = _read_history(Path(out) / "metrics.csv")
+        fitted.config = config
+        if scratch is not None:
+            fitted.path = None
+        return fitted
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fit_worker(rank: int, config, frame, model) -> None:
+    from nnfit.api import fit
+
+    fit(config=config, data=frame, model=model)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]

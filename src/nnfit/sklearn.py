@@ -1,0 +1,213 @@
+"""``nnfit.Regressor``: nnfit as a scikit-learn estimator, trained by the same code as the CLI.
+
+Pickling is the one place nnfit meets pickle, because scikit-learn requires it of its estimators
+(clone, joblib, GridSearchCV with n_jobs). Even then the network travels as safetensors bytes and
+JSON, never as a pickled torch object; nnfit's own files never use pickle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from nnfit.config import FIELDS
+from nnfit.errors import NnfitError
+
+
+class Regressor(RegressorMixin, BaseEstimator):
+    """A fully connected network fitted by nnfit, with the scikit-learn estimator interface.
+
+    Every argument is the ``nnfit.fit`` setting of the same name; ``random_state`` is nnfit's
+    ``seed``. Inputs and targets are standardized inside, so a ``StandardScaler`` in front is not
+    needed. Training runs through ``nnfit.fit``'s own loop (``nnfit.train.train``).
+
+    Args:
+        hidden: Hidden layer widths.
+        activation: ``relu``, ``tanh``, ``silu``, ``gelu``, ``sigmoid`` or ``none``.
+        optimizer: ``auto`` (full-batch L-BFGS for small data, Adam otherwise), ``adam``, ``adamw``,
+            ``sgd`` or ``lbfgs``.
+        lr, epochs, batch_size, weight_decay, schedule, val_split, patience, time_budget, grad_clip:
+            As in ``nnfit train --help``; ``None`` picks nnfit's default for the data size.
+        dtype: ``float64`` (default, as scikit-learn's estimators compute) or ``float32``
+            (faster, especially on a GPU).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        freeze: Parameter-name patterns to keep frozen (nnfit's ``freeze`` setting).
+        random_state: An int for reproducible fits, ``None`` for a fresh seed per fit, or a
+            ``numpy.random.RandomState``.
+        verbose: Print nnfit's training progress.
+
+    Attributes:
+        model_: The fitted ``nnfit.FittedModel`` (``model_.save(path)`` writes a run folder).
+        n_features_in_: Number of input columns seen in ``fit``.
+        feature_names_in_: Column names, when ``X`` was a DataFrame with string column names.
+        n_outputs_: Number of targets.
+        history_: One dict per epoch of the last ``fit``/``partial_fit``: train and validation
+            loss, learning rate, seconds.
+    """
+
+    def __init__(self, hidden=(100, 100), activation="tanh", optimizer="auto", lr=None, epochs=None,
+                 batch_size=None, weight_decay=0.0, schedule="auto", val_split=0.1, patience=None,
+                 time_budget=None, grad_clip=None, dtype="float64", device="auto", freeze=None,
+                 random_state=None, verbose=False):
+        self.hidden = hidden
+        self.activation = activation
+        self.optimizer = optimizer
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.schedule = schedule
+        self.val_split = val_split
+        self.patience = patience
+        self.time_budget = time_budget
+        self.grad_clip = grad_clip
+        self.dtype = dtype
+        self.device = device
+        self.freeze = freeze
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y):
+        """Train a fresh network on ``X`` (n, d) and ``y`` (n,) or (n, k). Returns ``self``."""
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64,
+                             ensure_min_samples=2)
+        return self._train(X, y, start=None)
+
+    def partial_fit(self, X, y):
+        """Continue training from the current weights for one epoch on ``X``, ``y``.
+
+        ``epochs`` sets how many epochs each call runs when it is given. The input and target
+        scaling fitted on the first call is kept, so later batches are learned in the same units.
+        On an unfitted estimator this starts a fresh network. Returns ``self``.
+        """
+        first = not hasattr(self, "model_")
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64,
+                             ensure_min_samples=2, reset=first)
+        if not first and _n_outputs(y) != self.n_outputs_:
+            raise ValueError(f"y has {_n_outputs(y)} target column(s), but {type(self).__name__} "
+                             f"was fitted with {self.n_outputs_}")
+        return self._train(X, y, start=None if first else self.model_)
+
+    def predict(self, X):
+        """Predictions in the units of ``y``: shape (n,) if ``y`` was 1-D, else (n, k)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        import torch
+
+        pred = self.model_.predict_tensor(torch.from_numpy(np.ascontiguousarray(X))).numpy()
+        return pred[:, 0] if self._y_1d else pred
+
+    def _train(self, X, y, start):
+        import pandas as pd
+
+        from nnfit import api, devices
+        from nnfit.progress import Reporter
+
+        self._y_1d = y.ndim == 1
+        Y = y.reshape(len(y), -1)
+        # Internal column names: the user's names (feature_names_in_) may repeat or clash with targets.
+        inputs = [f"x{i}" for i in range(X.shape[1])]
+        targets = [f"y{j}" for j in range(Y.shape[1])]
+        frame = pd.DataFrame(np.hstack([X, Y]), columns=inputs + targets)
+        config = self._config(inputs, targets, continuing=start is not None)
+        ctx = devices.init_context(config)
+        try:
+            fitted = api._fit(config, ctx, frame, start.module if start else None,
+                              Reporter(quiet=not self.verbose, verbose=False),
+                              scaling=start.scaling if start else None)
+        finally:
+            devices.cleanup_context(ctx)
+        self.model_ = fitted
+        self.n_outputs_ = Y.shape[1]
+        self.history_ = fitted.history
+        return self
+
+    def _config(self, inputs, targets, continuing: bool):
+        from nnfit.config import Config
+
+        settings = {name: getattr(self, name) for name in (
+            "hidden", "activation", "optimizer", "lr", "epochs", "batch_size", "weight_decay", "schedule",
+            "val_split", "patience", "time_budget", "grad_clip", "dtype", "device")}
+        if continuing:
+            # One epoch per call by default, as scikit-learn's partial_fit; a one-cycle schedule
+            # would warm up again from a low rate on every call.
+            settings["epochs"] = self.epochs or 1
+            if self.schedule == "auto":
+                settings["schedule"] = "none"
+        if self.freeze is not None:
+            if "freeze" not in FIELDS:
+                raise NnfitError("freeze= needs a version of nnfit with freezing; this one has none")
+            settings["freeze"] = self.freeze
+        return Config.from_dict({**settings, "inputs": inputs, "target": targets, "seed": self._seed(),
+                                 "quiet": not self.verbose, "plots": False})
+
+    def _seed(self) -> int:
+        if isinstance(self.random_state, (int, np.integer)) and not isinstance(self.random_state, bool):
+            return int(self.random_state)
+        return int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
+
+    # Pickling (clone, joblib): the network as safetensors bytes plus JSON-able metadata.
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        if "model_" in state:
+            state["model_"] = _pack(state["model_"])
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if "model_" in state:
+            state["model_"] = _unpack(state["model_"])
+        super().__setstate__(state)
+
+
+def _n_outputs(y) -> int:
+    return 1 if y.ndim == 1 else y.shape[1]
+
+
+def _pack(fitted) -> dict:
+    """A FittedModel as plain data: safetensors bytes for the weights, JSON-able values for the rest."""
+    from safetensors.torch import save
+
+    from nnfit.model import architecture
+
+    module = fitted.module
+    return {
+        "weights": save({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}),
+        "architecture": architecture(module),
+        "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        "trainable": [name for name, p in module.named_parameters() if p.requires_grad],
+        "scaling": fitted.scaling.to_dict(),
+        "input_names": list(fitted.input_names),
+        "target_names": list(fitted.target_names),
+        "config": fitted.config.to_dict(),
+        "history": fitted.history,
+        "summary": fitted.summary,
+    }
+
+
+def _unpack(packed: dict):
+    """Rebuild a FittedModel from ``_pack``'s output, on the CPU."""
+    import torch
+    from safetensors.torch import load
+
+    from nnfit.api import FittedModel
+    from nnfit.config import Config
+    from nnfit.data import Scaling
+    from nnfit.model import rebuild
+
+    module = rebuild(packed["architecture"]).to(getattr(torch, packed["dtype"]))
+    module.load_state_dict(load(packed["weights"]))
+    trainable = set(packed["trainable"])
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in trainable)
+    return FittedModel(module, Scaling.from_dict(packed["scaling"]), packed["input_names"],
+                       packed["target_names"], Config.from_dict(packed["config"]), packed["history"],
+                       packed["summary"])

@@ -1,0 +1,23 @@
+"""bench/core.py runs end to end and prints its tables (a smoke run: no timing is asserted)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_bench_quick_prints_its_tables():
+    # One thread: this checks the script, not the machine, and must not fight the test suite for cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "core.py"), "--quick"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "time to test MSE <= 1e-5" in out
+    nnfit_row = next(line for line in out.splitlines() if line.startswith("| nnfit (default recipe)"))
+    # The default recipe reaches the target even in the quick run: a time in seconds, not "> budget".
+    assert nnfit_row.split("|")[2].strip().endswith(" s") and ">" not in nnfit_row.split("|")[2]
+    rates = [line for line in out.splitlines() if line.startswith(("| 64 ", "| 1024 "))]
+    assert len(rates) == 2 and all(line.split("|")[-2].strip().endswith("x") for line in rates), out
