@@ -18,7 +18,7 @@ from nnfit.errors import NnfitError
 
 # The checks exercise the estimator's interface, not its accuracy: a small network keeps the
 # suite's ~150 fits fast, and every code path is the same as with the default (100, 100).
-SMALL = {"hidden": (16,), "epochs": 30}
+SMALL = {"hidden": (16,), "epochs": 10}
 # Optional checks that skip by design: array-API input needs SCIPY_ARRAY_API=1 and array-api-strict.
 OPTIONAL = {"check_array_api_input"}
 
@@ -44,9 +44,17 @@ def product():
     return sample(300), sample(200)
 
 
+def test_defaults_fit_small_data(product):
+    (X, y), (X_test, y_test) = product
+    est = nnfit.Regressor(random_state=0).fit(X[:60], y[:60])  # (100, 100) tanh, float64, auto recipe
+    assert est.model_.summary["recipe"].startswith("full-batch L-BFGS")
+    assert est.score(X_test, y_test) > 0.999
+
+
+@pytest.mark.filterwarnings("ignore:X does not have valid feature names")
 def test_dataframe_fit_remembers_names_and_learns(product):
     (X, y), (X_test, y_test) = product
-    est = nnfit.Regressor(hidden=(32, 32), random_state=0).fit(X, y)
+    est = nnfit.Regressor(hidden=(32, 32), epochs=10, random_state=0).fit(X, y)
     assert list(est.feature_names_in_) == ["a", "b"]
     assert est.n_features_in_ == 2 and est.n_outputs_ == 1
     assert est.predict(X_test).shape == (200,)
@@ -60,7 +68,7 @@ def test_dataframe_fit_remembers_names_and_learns(product):
 def test_multi_output_and_2d_y(product):
     (X, y), _ = product
     Y = np.column_stack([y, 2 * y - 1])
-    est = nnfit.Regressor(hidden=(32,), random_state=0).fit(X.to_numpy(), Y)
+    est = nnfit.Regressor(hidden=(32,), epochs=10, random_state=0).fit(X.to_numpy(), Y)
     assert est.predict(X.to_numpy()).shape == (300, 2)
     assert est.score(X.to_numpy(), Y) > 0.99
     column = nnfit.Regressor(hidden=(16,), epochs=3, random_state=0).fit(X, y.to_numpy().reshape(-1, 1))
@@ -69,7 +77,7 @@ def test_multi_output_and_2d_y(product):
 
 def test_grid_search_over_hidden_and_lr_in_a_pipeline(product):
     (X, y), (X_test, y_test) = product
-    pipe = make_pipeline(StandardScaler(), nnfit.Regressor(epochs=20, random_state=0))
+    pipe = make_pipeline(StandardScaler(), nnfit.Regressor(epochs=5, random_state=0))
     grid = {"regressor__hidden": [(8,), (32,)], "regressor__lr": [0.1, 1.0]}
     search = GridSearchCV(pipe, grid, cv=KFold(3, shuffle=True, random_state=0)).fit(X, y)
     assert len(search.cv_results_["params"]) == 4
@@ -80,13 +88,13 @@ def test_grid_search_over_hidden_and_lr_in_a_pipeline(product):
 
 def test_cross_val_score(product):
     (X, y), _ = product
-    scores = cross_val_score(nnfit.Regressor(hidden=(16,), epochs=20, random_state=0), X, y, cv=3)
+    scores = cross_val_score(nnfit.Regressor(hidden=(16,), epochs=5, random_state=0), X, y, cv=3)
     assert scores.shape == (3,) and scores.min() > 0.99
 
 
 def test_transformed_target_regressor(product):
     (X, y), (X_test, y_test) = product
-    model = TransformedTargetRegressor(nnfit.Regressor(hidden=(16,), epochs=20, random_state=0),
+    model = TransformedTargetRegressor(nnfit.Regressor(hidden=(16,), epochs=5, random_state=0),
                                        func=np.log1p, inverse_func=np.expm1)
     assert model.fit(X, y).score(X_test, y_test) > 0.99
 

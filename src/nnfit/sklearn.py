@@ -7,10 +7,17 @@ JSON, never as a pickled torch object; nnfit's own files never use pickle.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+
+try:
+    from sklearn.base import BaseEstimator, RegressorMixin
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as exc:
+    raise ImportError("nnfit.Regressor needs scikit-learn 1.6 or newer, which is not installed; "
+                      "install it with pip install 'nnfit[sklearn]'") from exc
 
 from nnfit.config import FIELDS
 from nnfit.errors import NnfitError
@@ -96,7 +103,7 @@ class Regressor(RegressorMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float64, reset=False)
         import torch
 
-        pred = self.model_.predict_tensor(torch.from_numpy(np.ascontiguousarray(X))).numpy()
+        pred = self.model_.predict_tensor(torch.from_numpy(np.array(X, dtype=np.float64))).numpy()
         return pred[:, 0] if self._y_1d else pred
 
     def _train(self, X, y, start):
@@ -188,8 +195,9 @@ def _pack(fitted) -> dict:
         "input_names": list(fitted.input_names),
         "target_names": list(fitted.target_names),
         "config": fitted.config.to_dict(),
-        "history": fitted.history,
-        "summary": fitted.summary,
+        # Through JSON: plain values only (the summary holds e.g. torch.__version__, a str subclass).
+        "history": json.loads(json.dumps(fitted.history)),
+        "summary": json.loads(json.dumps(fitted.summary)),
     }
 
 
