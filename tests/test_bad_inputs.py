@@ -244,3 +244,52 @@ def test_predict_with_wrong_columns_or_nan(run_dir, tmp_path, capsys):
     check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "extra.csv")], 2, "unexpected column(s) w")
     check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "nan.csv")], 2, "row 2 column 'x'")
     check(capsys, ["predict", str(run_dir), "--input", "x=nan"], 2, "NaN")
+
+
+@pytest.fixture
+def killed_run(tmp_path, monkeypatch):
+    """A run folder with a training state, as a killed run leaves it (the kill is simulated in-process)."""
+    from nnfit import devices
+
+    def kill():
+        raise SystemExit(137)
+
+    run = tmp_path / "killed"
+    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:5")
+    monkeypatch.setattr(devices, "kill_self", kill)
+    with pytest.raises(SystemExit):
+        main(["train", "--samples", "200", "--optimizer", "adam", "--batch-size", "32", "--epochs", "3",
+              "--checkpoint-every", "2", "--quiet", "--no-plots", "--out", str(run)])
+    monkeypatch.delenv("NNFIT_FAULT")
+    return run
+
+
+def test_truncated_or_corrupted_training_state(killed_run, capsys):
+    [tensors] = killed_run.glob("state-*.safetensors")
+    blob = tensors.read_bytes()
+    tensors.write_bytes(blob[: len(blob) // 2])
+    check(capsys, ["resume", str(killed_run)], 2, f"{tensors} does not match the checksum in")
+    tensors.write_bytes(blob)
+    state = killed_run / "state.json"
+    text = state.read_text()
+    state.write_text(text[: len(text) // 2])
+    check(capsys, ["resume", str(killed_run)], 2, f"training state {state} is not valid JSON")
+    state.write_text(text.replace('"format_version": 1', '"format_version": 7', 1))
+    check(capsys, ["resume", str(killed_run)], 2, "has format version 7, but this nnfit reads training states of "
+                                                  "version 1")
+
+
+def test_resume_without_a_state(run_dir, tmp_path, capsys):
+    check(capsys, ["resume", str(run_dir)], 2, "has no training state to resume (state.json): the run finished")
+    check(capsys, ["resume", str(tmp_path / "nope")], 2, "does not exist")
+
+
+def test_init_from_a_different_architecture(run_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    check(capsys, ["train", "--init-from", str(run_dir), "--hidden", "8", "--out", str(out)], 2,
+          "has a different architecture (they differ in hidden)", out)
+
+
+def test_bad_checkpoint_every(tmp_path, capsys):
+    check(capsys, ["train", "--checkpoint-every", "0", "--out", str(tmp_path / "o")], 2,
+          "--checkpoint-every must be a positive integer", tmp_path / "o")

@@ -11,9 +11,9 @@ from nnfit.config import Config
 from nnfit.errors import NnfitError, NnfitWarning
 
 __version__ = "0.1.0"
-__all__ = ["Config", "FittedModel", "NnfitError", "NnfitWarning", "Regressor", "fit", "inspect", "load"]
+__all__ = ["Config", "FittedModel", "NnfitError", "NnfitWarning", "Regressor", "fit", "inspect", "load", "resume"]
 
-_LAZY = {"fit": "nnfit.api", "load": "nnfit.api", "FittedModel": "nnfit.api",
+_LAZY = {"fit": "nnfit.api", "load": "nnfit.api", "resume": "nnfit.api", "FittedModel": "nnfit.api",
          "Regressor": "nnfit.sklearn", "inspect": "nnfit.freeze"}
 
 

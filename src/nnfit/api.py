@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 import warnings
@@ -12,10 +13,10 @@ import numpy as np
 import torch
 
 import nnfit
-from nnfit import checkpoint, devices, freeze
+from nnfit import checkpoint, devices, freeze, trainstate
 from nnfit.config import Config
 from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
-from nnfit.errors import NnfitError, NnfitWarning
+from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
@@ -179,13 +180,16 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
     if not ctx.is_main:
         reporter = Reporter(quiet=True)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
+    failed = True
     try:
         with warnings.catch_warnings():
             if not ctx.is_main:
                 warnings.simplefilter("ignore", NnfitWarning)
-            return _fit(config, ctx, frame, model, reporter)
+            fitted = _fit(config, ctx, frame, model, reporter)
+        failed = False
+        return fitted
     finally:
-        devices.cleanup_context(ctx)
+        devices.cleanup_context(ctx, failed)
 
 
 def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
@@ -229,7 +233,11 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(f"learning {problem.source} with {len(problem.input_names)} input(s) "
                  f"({', '.join(problem.input_names)}) on {ctx.device}{workers}")
     reporter.log(data_line)
-    result = train(module, data, config, reporter, ctx)
+    saver = _saver(config, ctx, problem, user_model) if config.out else None
+    try:
+        result = train(module, data, config, reporter, ctx, saver)
+    except TrainingDiverged as exc:
+        raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
     validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
@@ -266,9 +274,47 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
+    if result.rollbacks:
+        summary["rollbacks"] = result.rollbacks
+    fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
         fitted.save(config.out, plots=config.plots, problem=problem)
+        checkpoint.remove_state(config.out)  # the finished model replaces the training state
     return fitted
+
+
+def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
+    """Where the training state goes; with ``config.resume``, the verified state to continue from."""
+    digest = hashlib.sha256()
+    for T in (problem.X, problem.Y):
+        digest.update(np.ascontiguousarray(T.numpy()).tobytes())
+    fingerprint = digest.hexdigest()
+    state = None
+    if config.resume:
+        state = trainstate.load(config.out)
+        if state.info.get("fingerprint") != fingerprint:
+            raise NnfitError(f"the samples of {problem.source} are not those the run in {config.out} started with "
+                             "(the file changed, or another DataFrame was passed); resume needs the same data, "
+                             "or start a new run")
+    info = {"nnfit_version": nnfit.__version__, "config": config.replace(resume=False).to_dict(),
+            "fingerprint": fingerprint, "source": "dataframe" if config.data is None and config.formula is None
+            else problem.source, "custom_model": type(user_model).__name__ if user_model is not None else None}
+    return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state)
+
+
+def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx):
+    """After a divergence that rollbacks could not cure: save the best weights (the module holds them)."""
+    result = exc.result
+    if result is None or not result.best_epoch:
+        return TrainingDiverged(f"{exc}; no epoch had improved, so there are no weights to keep", result)
+    if not (config.out and ctx.is_main):
+        return exc
+    summary = {"nnfit_version": nnfit.__version__, "source": problem.source, "stopped": result.stopped,
+               "best_epoch": result.best_epoch, "rollbacks": result.rollbacks, "diverged": True}
+    FittedModel(module, scaling, problem.input_names, problem.target_names, config.replace(resume=False),
+                result.history, summary).save(config.out, plots=False)
+    return TrainingDiverged(f"{exc}. The best weights (epoch {result.best_epoch}, validation loss "
+                            f"{result.best_val_loss:.4e}) are saved in {config.out}", result)
 
 
 def _start_from(module, state, meta, path, input_names) -> None:
@@ -312,6 +358,34 @@ def _before(module, meta, config: Config, problem: Problem, val_idx) -> dict:
                               config.nonfinite, "test points")
         out["test_before"] = before.evaluate(X=X, y=Y)
     return out
+
+
+def resume(run, data=None, model=None, reporter: Reporter | None = None) -> FittedModel:
+    """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
+
+    The samples are drawn again from the formula with the run's seed, or the table is read again;
+    with a fixed seed on the CPU, the final weights are bit-identical to those of an uninterrupted run.
+
+    Args:
+        run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
+        data: the DataFrame the run was trained on, if it was given one (a file is read again by itself).
+        model: a fresh instance (or the class) of the custom module the run was trained with, if any.
+
+    Returns:
+        The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
+    """
+    run = Path(run)
+    state = trainstate.load(run)  # every problem with the state is reported before any work
+    config = Config.from_dict(checkpoint.read_json(run / "config.json", "run config"))
+    if not config.out or Path(config.out).resolve() != run.resolve():
+        config = config.replace(out=str(run))  # the folder was moved, or is named from elsewhere
+    if data is None and state.info.get("source") == "dataframe":
+        raise NnfitError(f"the run in {run} was trained on a DataFrame passed to fit(); pass the same one: "
+                         "nnfit.resume(run, data=df)")
+    if model is None and state.info.get("custom_model"):
+        raise NnfitError(f"the run in {run} was trained with a custom module ({state.info['custom_model']}); "
+                         "pass it: nnfit.resume(run, model=YourModule())")
+    return fit(data=data, model=model, config=config.replace(resume=True), reporter=reporter)
 
 
 def default_out() -> str:

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from nnfit.config import FIELDS, Config, parse_cli_value
-from nnfit.errors import NnfitError, NnfitWarning
+from nnfit.errors import NnfitError, NnfitWarning, TrainingInterrupted
 
 GROUPS = {"data": "what to learn", "model": "the network", "freeze": "freezing and fine-tuning",
           "training": "training", "device": "device", "output": "output"}
@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         _add_config_options(p)
+
+    p = sub.add_parser("resume", help="continue a stopped run from its training state",
+                       description="Continue a run that was killed, interrupted (Ctrl-C, SIGTERM) or ran out of "
+                       "disk space, from the training state in its folder. The samples are drawn or read again; "
+                       "with a fixed seed on the CPU the result is bit-identical to an uninterrupted run.")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     p = sub.add_parser("predict", help="predict with a trained model", description="Predict with a trained model.")
     p.add_argument("run", metavar="RUN", help="run folder")
@@ -137,10 +144,41 @@ def _default_out() -> str:
 
 def cmd_train(args) -> int:
     import nnfit
-    from nnfit.report import metrics_table
 
     config = config_from_args(args)
-    model = nnfit.fit(config=config)
+    with _stop_on_signals(config.devices):
+        model = nnfit.fit(config=config)
+    return _report(model, config, args.command)
+
+
+def cmd_resume(args) -> int:
+    import nnfit
+    from nnfit.checkpoint import read_json
+
+    try:
+        workers = int(read_json(Path(args.run) / "config.json").get("devices", 1))
+    except (NnfitError, AttributeError, TypeError, ValueError):
+        workers = 1  # nnfit.resume reports what is wrong with the run folder
+    with _stop_on_signals(workers):
+        model = nnfit.resume(args.run)
+    return _report(model, model.config, args.command)
+
+
+def _stop_on_signals(workers: int):
+    """SIGINT and SIGTERM save the training state and stop (exit 130 or 143); a second one stops at once.
+    Not with several workers: each has its own loop, and stopping one would leave the others waiting."""
+    from contextlib import nullcontext
+
+    from nnfit import devices, trainstate
+
+    if workers > 1 or devices.launched():
+        return nullcontext()
+    return trainstate.handling_signals()
+
+
+def _report(model, config, command: str) -> int:
+    from nnfit.report import metrics_table
+
     if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
         return 0
     s = model.summary
@@ -158,12 +196,15 @@ def cmd_train(args) -> int:
     if s.get("oom_retries"):
         print(f"out of memory {len(s['oom_retries'])} time(s): the last forward passes took {s['final_batch_size']} "
               "rows at a time (the optimizer's batch was unchanged)")
+    if s.get("rollbacks"):
+        print(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to its last "
+              f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
         print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
     written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
-    if args.command == "demo" or (config.formula == "x**2 + x" and config.data is None and not config.quiet
-                                  and not config.init_from):
+    if command == "demo" or (command == "train" and config.formula == "x**2 + x" and config.data is None
+                             and not config.quiet and not config.init_from):
         print("the tutorial's own network (no activations, SGD lr 0.01, 10 epochs) stays near test MSE 6e-3: "
               "without activations it is linear. Try: nnfit train --activation none")
     return 0
@@ -259,7 +300,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate,
+COMMANDS = {"train": cmd_train, "demo": cmd_train, "resume": cmd_resume, "predict": cmd_predict, "evaluate": cmd_evaluate,
             "inspect": cmd_inspect, "export": cmd_export}
 
 
@@ -290,6 +331,9 @@ def main(argv=None) -> int:
             raise
         print("nnfit: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"nnfit: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("nnfit: interrupted", file=sys.stderr)
         return 130

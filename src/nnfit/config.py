@@ -125,6 +125,12 @@ class Config:
         "run folder to write (default: runs/<timestamp>)", group="output"))
     log_every: int | None = field(default=None, metadata=_opt(
         "also print the loss every N batches", kind="int", group="output"))
+    resume: bool = field(default=False, metadata=_opt(
+        "continue from the training state saved in the run folder (what nnfit resume RUN sets)", kind="bool",
+        group="output", cli=False))
+    checkpoint_every: int | None = field(default=None, metadata=_opt(
+        "save the training state (for nnfit resume RUN) every N optimizer steps and at the end of each epoch "
+        "(default: at the end of each epoch, at most once a second)", kind="int", group="output"))
     plots: bool = field(default=True, metadata=_opt(
         "write fit.png, loss.png and report.html", kind="bool", group="output", flag="--no-plots"))
     tensorboard: bool = field(default=False, metadata=_opt(
@@ -148,7 +154,7 @@ class Config:
                 p.append(f"--{name.replace('_', '-')} must be a positive {'integer' if integer else 'number'}, got {value}")
 
         for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
-                     "min_batch_size", "threads"):
+                     "min_batch_size", "threads", "checkpoint_every"):
             positive(name, getattr(self, name))
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
@@ -183,6 +189,8 @@ class Config:
                 p.append(f"--domain {name}={low}:{high} has reversed bounds; did you mean {name}={high}:{low}?")
         if self.quiet and self.verbose:
             p.append("--quiet and --verbose were both given; choose one")
+        if self.resume and not self.out:
+            p.append("resume continues the run in a run folder, but none was given; pass out=... (CLI: nnfit resume RUN)")
         if self.tensorboard and not self.out:
             p.append("--tensorboard writes to RUN/tb, but no run folder was given; pass out=... (CLI: --out)")
         if self.optimizer == "lbfgs" and self.schedule not in ("auto", "none"):

@@ -119,6 +119,32 @@ def launched() -> int:
     return _env_int("WORLD_SIZE")
 
 
+FAULTS = ("kill-during-save", "kill-at-step")
+
+
+def fault(kind: str) -> int | None:
+    """The test hook NNFIT_FAULT=KIND:N (e.g. ``kill-during-save:3``): N when it names ``kind``, else None.
+
+    ``kill-during-save:N`` SIGKILLs the process after the temporary file of its Nth atomic write
+    is written and before it is renamed; ``kill-at-step:N`` SIGKILLs it after its Nth training step.
+    """
+    text = os.environ.get("NNFIT_FAULT", "")
+    name, _, number = text.partition(":")
+    if name != kind:
+        return None
+    if not number.isdigit() or int(number) < 1:
+        raise NnfitError(f"NNFIT_FAULT={text!r} must be KIND:N with N a positive integer and KIND one of "
+                         f"{', '.join(FAULTS)}")
+    return int(number)
+
+
+def kill_self() -> None:
+    """SIGKILL this process: what an OOM killer or a pre-empted machine does (NNFIT_FAULT tests)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _env_int(name: str) -> int:
     text = os.environ[name]
     try:
@@ -143,7 +169,7 @@ def init_context(config) -> Context:
     if re.fullmatch(r"cuda:\d+", spec) and world > 1:
         raise NnfitError(f"--device {config.device} names one GPU, but under torchrun each worker uses "
                          "cuda:LOCAL_RANK; pass --device cuda or auto")
-    base = parse_device("cuda" if spec.startswith("cuda") else config.device)
+    base = parse_device(config.device if world == 1 or not spec.startswith("cuda") else "cuda")
     if base.type == "mps":
         raise NnfitError("torch.distributed has no backend for mps; run torchrun with --device cpu")
     if base.type == "cuda":
@@ -151,7 +177,7 @@ def init_context(config) -> Context:
             raise NnfitError(f"worker with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but this machine has "
                              f"{gpu_count()} GPU(s); start at most {gpu_count()} worker(s) per machine "
                              "(torchrun --nproc-per-node)")
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device, backend = (base if world == 1 else torch.device("cuda", local_rank)), "nccl"
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
@@ -166,12 +192,22 @@ def init_context(config) -> Context:
                    _owns_group=owns)
 
 
-def cleanup_context(ctx: Context) -> None:
-    """Tear down what ``init_context`` set up: the process group, if this context created it."""
+def cleanup_context(ctx: Context, failed: bool = False) -> None:
+    """Tear down what ``init_context`` set up: the process group, if this context created it.
+
+    After a failure it does no collective: the other ranks may be gone, and this process must exit
+    so that the launcher stops the rest.
+    """
     if ctx.distributed and ctx._owns_group:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if not failed and ctx.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                # Rank 0 serves the rendezvous store. A later fit in this process must not reach the
+                # store being torn down here, so every rank moves on to a fresh port chosen by rank 0.
+                port = torch.tensor([free_port() if ctx.is_main else 0], device=ctx.device)
+                dist.broadcast(port, 0)
+                os.environ["MASTER_PORT"] = str(int(port.item()))
             dist.destroy_process_group()
 
 

@@ -11,3 +11,26 @@ class NnfitError(Exception):
 
 class NnfitWarning(UserWarning):
     """Something worth knowing that does not stop the run."""
+
+
+class TrainingDiverged(NnfitError):
+    """The loss stayed non-finite after every rollback with a halved learning rate.
+
+    ``result`` is the run's ``TrainResult``; the model already holds the best weights.
+    """
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after the training state was saved.
+
+    A KeyboardInterrupt, so that ``except Exception`` does not swallow it. ``exit_code`` is
+    128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

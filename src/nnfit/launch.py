@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from nnfit import devices
 from nnfit.errors import NnfitError, NnfitWarning
@@ -39,7 +40,7 @@ def run_workers(fn, args: tuple, n: int) -> None:
             # join() returns as soon as any worker fails, and then stops the rest.
             while not workers.join(grace_period=GRACE_SECONDS):
                 pass
-        except mp.ProcessException as exc:
+        except ProcessException as exc:
             raise NnfitError(_failure(exc, n, errors)) from None
         except KeyboardInterrupt:
             for process in workers.processes:
@@ -63,7 +64,7 @@ def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:
         raise
 
 
-def _failure(exc: mp.ProcessException, n: int, errors: str) -> str:
+def _failure(exc: ProcessException, n: int, errors: str) -> str:
     rank = exc.error_index
     message = Path(errors, f"{rank}.txt")
     if message.exists():

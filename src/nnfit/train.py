@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nnfit import devices, freeze
-from nnfit.errors import NnfitError
+from nnfit import devices, freeze, trainstate
+from nnfit.errors import NnfitError, TrainingDiverged
 
 LBFGS_ITERATIONS_PER_EPOCH = 20
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
@@ -25,6 +25,7 @@ DEFAULT_STEPS = 20_000  # Adam/SGD steps when --epochs is not given
 # Rows per forward pass x parameters below which one CPU thread trains faster than several: the
 # matmuls are too small to split, and on a busy machine the threads' barriers cost up to 100x (docs/benchmarks.md).
 ONE_THREAD_MAX_WORK = 2e7
+MAX_ROLLBACKS = 3  # retries, each with half the learning rate, after a non-finite loss
 
 
 @dataclass
@@ -93,11 +94,14 @@ def make_optimizer(params, recipe: Recipe, config) -> torch.optim.Optimizer:
 
 def make_schedule(optimizer, recipe: Recipe, steps_per_epoch: int):
     total = recipe.epochs * steps_per_epoch
-    if recipe.schedule == "onecycle":
+    if recipe.schedule == "onecycle" and total >= 5:
         # One peak per parameter group, so that --lr-for groups keep their own learning rate.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total,
-                                                   pct_start=0.1, div_factor=10, final_div_factor=100)
+                                                   # at least two warm-up steps: OneCycleLR divides by the
+                                                   # length of each phase, which is 0 in a very short run
+                                                   pct_start=min(0.5, max(0.1, 2.5 / total)),
+                                                   div_factor=10, final_div_factor=100)
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=recipe.lr * 1e-3)
     return None
@@ -117,6 +121,7 @@ class TrainResult:
     moved: dict[str, float] = field(default_factory=dict)  # L2 norm of (final - start) per parameter
     batch_size_final: int = 0  # rows per forward pass at the end (per rank); smaller than the batch after an OOM
     oom_retries: list[dict] = field(default_factory=list)  # one entry per halving after an out-of-memory error
+    rollbacks: list[dict] = field(default_factory=list)  # one entry per rollback after a non-finite loss
 
 
 def _restoring_threads(fn):
@@ -139,15 +144,18 @@ def _use_threads(config, recipe: Recipe, n_params: int, device: torch.device) ->
 
 
 @_restoring_threads
-def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None) -> TrainResult:
+def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, saver=None) -> TrainResult:
     """Train ``model`` in place on ``data``; the best weights by validation loss are restored at the end.
 
     With a distributed ``ctx`` (torchrun or ``--devices N``) the model is wrapped in
-    DistributedDataParallel and each rank trains on its shard of every global batch.
+    DistributedDataParallel and each rank trains on its shard of every global batch. ``saver``
+    (a ``trainstate.Saver``) writes the training state and may hold the state to resume from.
     """
     ctx = ctx or devices.Context(device=next(model.parameters()).device)
+    saver = saver or trainstate.Saver(None, None)
     n_train = len(data.X_train)
     named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
+    frozen_at_start = [n for n, p in freeze.unwrap(model).named_parameters() if not p.requires_grad]
     unfreeze = freeze.unfreeze_schedule(model, config.unfreeze_at)
     freeze.check_lr_for(model, config.lr_for, {n for n, _ in named} | {n for ns in unfreeze.values() for n in ns})
     recipe = choose_recipe(config, n_train, sum(p.numel() for _, p in named))
@@ -176,28 +184,78 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None) -
     # Early stopping waits for the last scheduled unfreeze: the run was asked to train those parameters.
     patience_from = max(unfreeze, default=1) - 1
     writer = _tensorboard(config, ctx)  # None unless --tensorboard; only the main process writes
+
+    def snapshot(position, perm=None, total=None) -> trainstate.State:
+        state = trainstate.capture(freeze.unwrap(model), optimizer, scheduler, plan, generator, result, best_state,
+                                   start_values, position, perm, total)
+        state.info["seconds"] = time.perf_counter() - start
+        return state
+
+    def restore(state: trainstate.State):
+        """Put the model, optimizer, schedule, RNGs and records back as they were in ``state``; returns
+        (epoch, partial): where the loop goes on, and the unfinished epoch's permutation and progress."""
+        nonlocal optimizer, scheduler, best_state, start_values, net
+        freeze.unwrap(model).load_state_dict(trainstate.part(state, "model"))
+        start_values, best_state = trainstate.part(state, "start"), trainstate.part(state, "best")
+        position = state.position
+        optimizer, scheduler = _rebuild(model, frozen_at_start, unfreeze, position["epoch"], recipe, config,
+                                        steps_per_epoch)
+        optimizer.load_state_dict(trainstate.unpacked(state, "optimizer"))
+        if scheduler is not None:
+            scheduler.load_state_dict(trainstate.unpacked(state, "scheduler"))
+        if plan.scaler is not None:
+            plan.scaler.load_state_dict(trainstate.unpacked(state, "scaler"))
+        plan.micro, plan.eval_chunk = state.info["micro"], state.info["eval_chunk"]
+        plan.guard.retries[:] = state.info["oom_retries"]
+        trainstate.restore_rng(state, generator)
+        result.history = [dict(row) for row in state.info["history"]]
+        result.best_epoch, result.best_val_loss = state.info["best_epoch"], state.info["best_val_loss"]
+        result.unfrozen_at = {k: int(v) for k, v in state.info["unfrozen_at"].items()}
+        result.rollbacks = [dict(r) for r in state.info["rollbacks"]]
+        saver.steps = position["steps"]
+        net = _wrap(model, ctx)
+        if position["finished"]:
+            return position["epoch"] + 1, None
+        return position["epoch"], (state.tensors["perm"], (position["step"], position["rows"],
+                                                           state.tensors["total"].clone().to(plan.device)))
+
+    saver.capture = snapshot
     reporter.start(recipe, n_train, len(data.X_val))
-    start = time.perf_counter()
-    for epoch in range(1, recipe.epochs + 1):
+    earlier = saver.resume.info.get("seconds", 0.0) if saver.resume is not None else 0.0  # before a resume
+    start, deadline = time.perf_counter() - earlier, deadline - earlier
+    epoch, partial = 1, None  # partial: the permutation and progress of an epoch a checkpoint interrupted
+    if saver.resume is not None:
+        epoch, partial = restore(saver.resume)
+        reporter.log(f"resuming from {saver.resume.describe()} ({saver.folder})")
+        last_good = saver.resume
+    else:
+        last_good = snapshot(saver.position(0))  # where a divergence in the first epoch rolls back to
+    retries = 0  # rollbacks to ``last_good``
+    while epoch <= recipe.epochs:
         epoch_start = time.perf_counter()
-        if epoch in unfreeze:
+        if epoch in unfreeze and partial is None:
             optimizer = _unfreeze(model, unfreeze[epoch], start_values, optimizer, scheduler, recipe, config, epoch)
             result.unfrozen_at.update(dict.fromkeys(unfreeze[epoch], epoch))
             reporter.log(f"epoch {epoch}: unfroze {', '.join(unfreeze[epoch])}")
             net = _wrap(model, ctx)  # DDP fixes the set of trainable parameters when it is built
         net.train()
+        saver.epoch = epoch
         if recipe.optimizer == "lbfgs":
             train_loss = _lbfgs_epoch(net, optimizer, X_lbfgs, Y_lbfgs, config.grad_clip, plan, n_train)
-        elif not (ctx.distributed or plan.stream):
-            perm = torch.randperm(n_train, generator=generator).to(data.X_train.device)
-            train_loss = _epoch(net, optimizer, scheduler, data.X_train[perm], data.Y_train[perm],
-                                recipe.batch_size, config, reporter, epoch, deadline, plan)
+            saver.step()  # one L-BFGS step per epoch; its state is saved at the epoch's end
         else:
-            rows = _rank_rows(torch.randperm(n_train, generator=generator), rank_batch, ctx)
-            X, Y = plan.gather(data.X_train, data.Y_train, rows)
-            # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
-            train_loss = _epoch(net, optimizer, scheduler, X, Y, rank_batch, config, reporter, epoch,
-                                math.inf if ctx.distributed else deadline, plan)
+            perm, progress = partial if partial is not None else (torch.randperm(n_train, generator=generator), None)
+            partial, saver.perm = None, perm
+            if not (ctx.distributed or plan.stream):
+                on_device = perm.to(data.X_train.device)
+                train_loss = _epoch(net, optimizer, scheduler, data.X_train[on_device], data.Y_train[on_device],
+                                    recipe.batch_size, config, reporter, epoch, deadline, plan, saver, progress)
+            else:
+                rows = _rank_rows(perm, rank_batch, ctx)
+                X, Y = plan.gather(data.X_train, data.Y_train, rows)
+                # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
+                train_loss = _epoch(net, optimizer, scheduler, X, Y, rank_batch, config, reporter, epoch,
+                                    math.inf if ctx.distributed else deadline, plan, saver, progress)
         if ctx.distributed:
             train_rows = len(X_lbfgs) if recipe.optimizer == "lbfgs" else len(X)
             train_loss, val_loss, out_of_time = _reduce_epoch(model, train_loss, train_rows, X_val, Y_val, ctx, plan,
@@ -208,16 +266,29 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None) -
         train_loss, val_loss = torch.stack([train_loss.float(), val_loss.float()]).tolist()  # the epoch's one sync
         seconds = time.perf_counter() - epoch_start
         lr = optimizer.param_groups[0]["lr"]
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            # A non-finite loss: the weights of this epoch are lost, not the run. Roll back to the last
+            # good state with the learning rate halved once more per retry, a bounded number of times.
+            retries += 1
+            if retries > MAX_ROLLBACKS:
+                model.load_state_dict(best_state)
+                result.stopped = f"the training loss became {train_loss} in epoch {epoch}"
+                _diverged(result, recipe)
+            rollbacks = result.rollbacks
+            diverged_in = epoch
+            epoch, partial = restore(last_good)
+            _scale_lr(optimizer, scheduler, 0.5 ** retries)
+            new_lr = optimizer.param_groups[0]["lr"]
+            result.rollbacks = [*rollbacks, {"epoch": diverged_in, "loss": train_loss, "retry": retries,
+                                             "lr": new_lr}]
+            reporter.log(f"the training loss became {train_loss} in epoch {diverged_in}: rolled back to "
+                         f"{last_good.describe()} with the learning rate halved to {new_lr:.3g} "
+                         f"(retry {retries} of {MAX_ROLLBACKS})")
+            continue
         result.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                "lr": lr, "seconds": seconds})
         if writer is not None:
             _log_scalars(writer, result.history[-1], model, n_train)
-        if not math.isfinite(train_loss):
-            model.load_state_dict(best_state)
-            result.stopped = f"the training loss became {train_loss} at epoch {epoch}; kept the best weights"
-            reporter.epoch(result.history[-1], improved=False)
-            raise_divergence(result, config)
-            break
         improved = val_loss < result.best_val_loss
         if improved:
             result.best_epoch, result.best_val_loss = epoch, val_loss
@@ -234,6 +305,9 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None) -
         if out_of_time or (not ctx.distributed and time.perf_counter() >= deadline):
             result.stopped = f"time budget of {config.time_budget:g} s reached"
             break
+        last_good, retries = snapshot(saver.position(epoch)), 0
+        saver.epoch_end(last_good)
+        epoch += 1
     else:
         result.stopped = f"reached {recipe.epochs} epochs"
     result.seconds = time.perf_counter() - start
@@ -249,6 +323,47 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None) -
     result.moved = freeze.movement(model, start_values)
     reporter.finish(result)
     return result
+
+
+def _rebuild(model, frozen_at_start, unfreeze, epoch: int, recipe, config, steps_per_epoch):
+    """An optimizer and schedule shaped as they were in ``epoch``: over the parameters trainable at the
+    start, plus those unfrozen up to ``epoch``. Only the shape matters: their states are loaded next."""
+    named = dict(freeze.unwrap(model).named_parameters())
+    for name, p in named.items():
+        p.requires_grad_(name not in frozen_at_start)
+    optimizer = make_optimizer(freeze.param_groups(list(named.items()), config.lr_for, recipe.lr), recipe, config)
+    scheduler = make_schedule(optimizer, recipe, steps_per_epoch)
+    for when in sorted(unfreeze):
+        if when > epoch:
+            continue
+        for name in unfreeze[when]:
+            named[name].requires_grad_(True)
+        if recipe.optimizer == "lbfgs":
+            optimizer = make_optimizer([p for p in named.values() if p.requires_grad], recipe, config)
+        else:
+            for group in freeze.param_groups([(n, named[n]) for n in unfreeze[when]], config.lr_for, recipe.lr):
+                _add_group(optimizer, scheduler, group)
+    return optimizer, scheduler
+
+
+def _scale_lr(optimizer, scheduler, factor: float) -> None:
+    """Scale every learning rate, and what the schedule computes them from (after a divergence)."""
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key.endswith("lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                group[key] = value * factor  # lr, initial_lr, max_lr, min_lr
+    if scheduler is not None:
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        if hasattr(scheduler, "eta_min"):
+            scheduler.eta_min *= factor
+
+
+def _diverged(result: TrainResult, recipe: Recipe) -> None:
+    lr = f"it was {recipe.lr:g}, and {MAX_ROLLBACKS} retries halved it down to {recipe.lr * 0.5 ** MAX_ROLLBACKS:g}"
+    raise TrainingDiverged(f"training diverged: {result.stopped}, and again after rolling back {MAX_ROLLBACKS} "
+                           f"times with the learning rate halved each time; lower --lr ({lr}), add --grad-clip 1, "
+                           "or try --optimizer adam", result)
 
 
 def _verify_frozen(model, start_values, names, when) -> None:
@@ -314,18 +429,13 @@ def _log_scalars(writer, row: dict, model, n_train: int) -> None:
     writer.flush()  # an interrupted run still leaves every finished epoch on disk
 
 
-def raise_divergence(result: TrainResult, config) -> None:
-    if result.best_epoch == 0:
-        raise NnfitError(f"training diverged: {result.stopped.split(';')[0]} before any epoch improved; "
-                         f"lower --lr (it was {result.recipe.lr:g}) or try --optimizer adam")
-
-
-def _epoch(model, optimizer, scheduler, X, Y, batch_size, config, reporter, epoch, deadline, plan) -> torch.Tensor:
-    """One pass over the (already permuted) training data in contiguous slices."""
+def _epoch(model, optimizer, scheduler, X, Y, batch_size, config, reporter, epoch, deadline, plan, saver=None,
+           progress=None) -> torch.Tensor:
+    """One pass over the (already permuted) training data in contiguous slices; ``progress`` (steps,
+    rows, running loss) continues an epoch that a saved state interrupted."""
     n = len(X)
-    total = torch.zeros((), device=plan.device, dtype=torch.float64)
+    step, i, total = progress or (0, 0, torch.zeros((), device=plan.device, dtype=torch.float64))
     log_every = config.log_every
-    step, i = 0, 0
     while i < n:
         xb, yb = X[i:i + batch_size], Y[i:i + batch_size]
         if plan.stream:  # data in (pinned) CPU memory: copy this batch while the GPU works
@@ -348,6 +458,8 @@ def _epoch(model, optimizer, scheduler, X, Y, batch_size, config, reporter, epoc
             reporter.batch(epoch, step, loss)
         reporter.tick(step, total, i + len(xb))
         i += len(xb)
+        if saver is not None and saver.step():  # a checkpoint is due, or SIGINT/SIGTERM asked to stop
+            saver.mid_epoch(step, i, total)
         if deadline != math.inf and time.perf_counter() >= deadline:
             return total / i
     return total / n

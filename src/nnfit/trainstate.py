@@ -1,0 +1,224 @@
+"""The training state: what exact resume and the rollback after a divergence restore.
+
+A ``State`` holds tensors (model, optimizer state, best weights, RNG states, the epoch's
+permutation, the running loss) and JSON-able data (position, schedule, history, early stopping,
+freeze state). ``Saver`` decides when to write it and turns SIGINT/SIGTERM into a saved stop.
+Nothing is pickled: tensors go to safetensors and the rest to JSON (``checkpoint.write_state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnfit import checkpoint, devices
+from nnfit.errors import NnfitError, TrainingInterrupted
+
+DEFAULT_MIN_SECONDS = 1.0  # without --checkpoint-every: at most one epoch-end save per second
+
+
+@dataclass
+class State:
+    """One training state: tensors for safetensors, everything else for JSON."""
+
+    tensors: dict
+    info: dict
+
+    @property
+    def position(self) -> dict:
+        """``epoch``, ``finished`` (the epoch ended), ``step`` and ``rows`` done in it, ``steps`` in the run."""
+        return self.info["position"]
+
+    def describe(self) -> str:
+        p = self.position
+        return f"the end of epoch {p['epoch']}" if p["finished"] else f"epoch {p['epoch']} step {p['step']}"
+
+
+def capture(model, optimizer, scheduler, plan, generator, result, best_state, start_values, position: dict,
+            perm=None, total=None) -> State:
+    """A copy of everything the loop needs to continue exactly from ``position``."""
+    tensors: dict = {}
+    info = {
+        "position": dict(position),
+        "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors),
+        "scheduler": checkpoint.pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+        "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", tensors) if plan.scaler is not None else None,
+        "micro": plan.micro,
+        "eval_chunk": plan.eval_chunk,
+        "oom_retries": [dict(r) for r in plan.guard.retries],
+        "history": [dict(row) for row in result.history],
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "unfrozen_at": dict(result.unfrozen_at),
+        "rollbacks": [dict(r) for r in result.rollbacks],
+        "rng": _rng_info(tensors),
+    }
+    for prefix, state in (("model", model.state_dict()), ("best", best_state), ("start", start_values)):
+        tensors.update({f"{prefix}/{k}": v for k, v in state.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/generator"] = generator.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if perm is not None:
+        tensors["perm"] = perm
+    if total is not None:
+        tensors["total"] = total
+    return State({k: v.detach().clone() for k, v in tensors.items()}, info)
+
+
+def _rng_info(tensors: dict) -> dict:
+    """numpy's and Python's global RNG states: the long key arrays as tensors, the rest as JSON."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
+    return {"numpy": [name, pos, has_gauss, cached], "python": [version, gauss_next]}
+
+
+def part(state: State, prefix: str) -> dict:
+    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place)."""
+    start = prefix + "/"
+    return {k[len(start):]: v.clone() for k, v in state.tensors.items() if k.startswith(start)}
+
+
+def unpacked(state: State, key: str):
+    """The optimizer's, schedule's or scaler's state_dict, with copies of its tensors."""
+    value = state.info.get(key)
+    return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
+
+
+def restore_rng(state: State, generator: torch.Generator) -> None:
+    torch.set_rng_state(state.tensors["rng/torch"])
+    generator.set_state(state.tensors["rng/generator"])
+    cuda = [state.tensors[k] for k in sorted(state.tensors) if k.startswith("rng/cuda/")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, pos, has_gauss, cached = state.info["rng"]["numpy"]
+    np.random.set_state((name, state.tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, gauss_next = state.info["rng"]["python"]
+    random.setstate((version, tuple(state.tensors["rng/python"].tolist()), gauss_next))
+
+
+def load(folder) -> State:
+    """The saved training state of a run folder, verified (see ``checkpoint.read_state``)."""
+    tensors, info = checkpoint.read_state(folder)
+    if "position" not in info or not any(k.startswith("model/") for k in tensors):
+        raise NnfitError(f"{Path(folder) / checkpoint.STATE} is not a complete training state; start the run again")
+    return State(tensors, info)
+
+
+# Stopping on SIGINT and SIGTERM.
+
+class StopRequest:
+    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync)."""
+
+    signal: int | None = None
+
+
+STOP = StopRequest()  # process-wide, as signal handlers are
+
+
+@contextlib.contextmanager
+def handling_signals():
+    """While active, SIGINT and SIGTERM make training save its state at the next step and raise
+    TrainingInterrupted; a second signal stops at once. Only in the main thread (as Python requires);
+    the CLI uses it, a library caller may."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if STOP.signal is not None:  # the second one: no more waiting for the step to end
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving",
+                                      128 + signum)
+        STOP.signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        STOP.signal = None
+
+
+class Saver:
+    """When the training state is written (every ``every`` steps and at epoch ends), and where.
+
+    Only the main process writes. ``capture(position, perm, total)`` is set by the loop.
+    """
+
+    def __init__(self, folder, every: int | None, is_main: bool = True, info: dict | None = None,
+                 resume: State | None = None):
+        self.folder = Path(folder) if folder else None
+        self.every = every
+        self.write_here = self.folder is not None and is_main
+        self.info = dict(info or {})
+        self.resume = resume
+        self.saves = resume.info.get("saves", 0) if resume is not None else 0
+        self.steps = resume.position.get("steps", 0) if resume is not None else 0  # steps of the whole run
+        self._process_steps = 0
+        self._kill_at = devices.fault("kill-at-step")
+        self._last_write = -math.inf
+        self.capture = None
+        self.epoch = 0
+        self.perm = None
+
+    def step(self) -> bool:
+        """Count a step; True when a checkpoint is due or a stop was requested (no host sync)."""
+        self.steps += 1
+        self._process_steps += 1
+        if self._process_steps == self._kill_at:  # NNFIT_FAULT=kill-at-step:N
+            devices.kill_self()
+        return (self.every is not None and self.steps % self.every == 0) or STOP.signal is not None
+
+    def mid_epoch(self, step: int, rows: int, total: torch.Tensor) -> None:
+        position = {"epoch": self.epoch, "finished": False, "step": step, "rows": rows, "steps": self.steps}
+        if STOP.signal is not None:
+            self._stop(self.capture(position, self.perm, total))
+        # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
+        if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
+            self.write(self.capture(position, self.perm, total))
+
+    def epoch_end(self, state: State) -> None:
+        if STOP.signal is not None:
+            self._stop(state)
+        if self.write_here and (self.every is not None or time.perf_counter() - self._last_write >= DEFAULT_MIN_SECONDS):
+            self.write(state)
+
+    def position(self, epoch: int) -> dict:
+        return {"epoch": epoch, "finished": True, "step": 0, "rows": 0, "steps": self.steps}
+
+    def write(self, state: State) -> None:
+        try:
+            if self.saves == 0:
+                checkpoint.write_json(self.folder / "config.json", self.info["config"])
+            checkpoint.write_state(self.folder, state.tensors, {**self.info, **state.info, "saves": self.saves + 1},
+                                   self.saves + 1)
+        except NnfitError as exc:
+            kept = (f"the last training state is intact: free some space, then continue with nnfit resume "
+                    f"{self.folder}") if self.saves else "no training state had been saved yet"
+            raise NnfitError(f"{exc}; {kept}") from None
+        self.saves += 1
+        self._last_write = time.perf_counter()
+
+    def _stop(self, state: State) -> None:
+        signum = STOP.signal
+        name = signal.Signals(signum).name
+        if self.write_here:
+            self.write(state)
+            how = f"the training state is saved in {self.folder}; continue with: nnfit resume {self.folder}"
+        elif self.folder is None:
+            how = "there is no run folder (out=...), so nothing was saved"
+        else:
+            how = f"rank 0 saves the training state in {self.folder}"
+        raise TrainingInterrupted(f"{name}: training stopped at {state.describe()}; {how}", 128 + signum)
