@@ -192,7 +192,8 @@ class Saver:
     def epoch_end(self, state: State) -> None:
         if STOP.signal is not None:
             self._stop(state)
-        if self.write_here and (self.every is not None or time.perf_counter() - self._last_write >= DEFAULT_MIN_SECONDS):
+        due = self.every is not None or time.perf_counter() - self._last_write >= DEFAULT_MIN_SECONDS
+        if self.write_here and due:
             self.write(state)
 
     def position(self, epoch: int) -> dict:

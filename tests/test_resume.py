@@ -1,0 +1,151 @@
+"""Exact resume: a run killed anywhere continues, with ``nnfit resume RUN``, to final weights that are
+bit-identical to those of an uninterrupted run (CPU, fixed seed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from nnfit import checkpoint, devices
+from nnfit.cli import main
+
+COMMON = ["--samples", "400", "--seed", "3", "--no-plots", "--quiet"]
+RECIPES = {
+    # 360 training rows in batches of 32: 12 steps an epoch, the last one of 8 rows.
+    "adam-onecycle": ["--optimizer", "adam", "--epochs", "6", "--batch-size", "32", "--checkpoint-every", "5"],
+    "sgd-cosine-unfreeze": ["--optimizer", "sgd", "--schedule", "cosine", "--epochs", "5", "--batch-size", "48",
+                            "--freeze", "l1", "--unfreeze-at", "2:l1", "--checkpoint-every", "4"],
+    "lbfgs": ["--epochs", "8"],  # full batch: one step an epoch, saved at epoch ends (the default)
+}
+
+
+def weights(run) -> dict[str, bytes]:
+    """Each tensor's bytes: equal means bit-identical (the file's header order may vary)."""
+    from safetensors.torch import load_file
+
+    return {k: v.numpy().tobytes() for k, v in load_file(run / "model.safetensors").items()}
+
+
+def train_args(recipe, out):
+    return ["train", *COMMON, *RECIPES[recipe], "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The uninterrupted runs' weights, as bytes (the same process runs the resumes)."""
+    folder = tmp_path_factory.mktemp("baseline")
+    out = {}
+    for recipe in RECIPES:
+        assert main(train_args(recipe, folder / recipe)) == 0
+        out[recipe] = weights(folder / recipe)
+        assert not checkpoint.has_state(folder / recipe), "a finished run keeps no training state"
+    return out
+
+
+def run_cli(args, fault=None, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "NNFIT_FAULT"}
+    if fault:
+        env["NNFIT_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "nnfit", *args], env=env, capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def leftovers(run):
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.name.startswith("state"))
+
+
+@pytest.mark.parametrize("recipe, fault, saved_at", [
+    ("adam-onecycle", "kill-at-step:23", {"epoch": 2, "step": 8, "finished": False}),  # mid-epoch
+    # Writes: config.json (1), then per save the tensors and state.json. Write 4 is the second save's
+    # tensors, write 5 its state.json: the new tensor file is in place but not yet named by state.json.
+    ("adam-onecycle", "kill-during-save:4", {"epoch": 1, "step": 5, "finished": False}),
+    ("adam-onecycle", "kill-during-save:5", {"epoch": 1, "step": 5, "finished": False}),
+    ("sgd-cosine-unfreeze", "kill-at-step:15", {"epoch": 2, "step": 4, "finished": False}),  # after an unfreeze
+    ("lbfgs", "kill-at-step:3", {"epoch": 1, "finished": True}),
+])
+def test_killed_run_resumes_to_identical_weights(baseline, tmp_path, recipe, fault, saved_at):
+    run = tmp_path / "run"
+    killed = run_cli(train_args(recipe, run), fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = json.loads((run / "state.json").read_text())
+    if recipe == "lbfgs":  # epoch ends are saved at most once a second by default: at least epoch 1
+        assert state["position"]["finished"] and state["position"]["epoch"] >= 1
+    else:
+        assert {k: state["position"][k] for k in saved_at} == saved_at
+    assert main(["resume", str(run)]) == 0
+    assert weights(run) == baseline[recipe]
+    assert leftovers(run) == [], "the state and any half-written temporary file are gone"
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.csv", "model.json", "model.safetensors",
+                                               "summary.json"}
+
+
+def test_resume_in_process_after_a_simulated_kill_and_the_history_is_whole(baseline, tmp_path, monkeypatch,
+                                                                          capsys):
+    class Killed(BaseException):
+        pass
+
+    def kill():
+        raise Killed
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:40")
+    monkeypatch.setattr(devices, "kill_self", kill)
+    with pytest.raises(Killed):
+        main(train_args("adam-onecycle", run))
+    monkeypatch.delenv("NNFIT_FAULT")
+    capsys.readouterr()
+    assert main(["resume", str(run), "--debug"]) == 0
+    out, _ = capsys.readouterr()
+    assert f"run folder: {run}" in out
+    assert weights(run) == baseline["adam-onecycle"]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [int(float(line.split(",")[0])) for line in rows[1:]] == list(range(1, 7)), rows[0]
+    config = json.loads((run / "config.json").read_text())
+    assert config["resume"] is False and config["checkpoint_every"] == 5
+
+
+def test_resume_refuses_changed_data(tmp_path, monkeypatch, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text("x,y\n" + "".join(f"{i / 40},{(i / 40) ** 2}\n" for i in range(40)))
+    run = tmp_path / "run"
+    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:3")
+    monkeypatch.setattr(devices, "kill_self", lambda: (_ for _ in ()).throw(SystemExit(137)))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(table), "--target", "y", "--optimizer", "adam", "--batch-size", "8",
+              "--checkpoint-every", "2", "--epochs", "3", "--no-plots", "--quiet", "--out", str(run)])
+    monkeypatch.delenv("NNFIT_FAULT")
+    table.write_text("x,y\n" + "".join(f"{i / 40},{(i / 40) ** 3}\n" for i in range(40)))
+    capsys.readouterr()
+    assert main(["resume", str(run)]) == 2
+    assert "not those the run" in capsys.readouterr().err
+
+
+def test_every_rng_state_round_trips():
+    import random
+
+    import numpy as np
+    import torch
+
+    from nnfit import trainstate
+    from nnfit.train import TrainResult
+
+    class Plan:
+        scaler = micro = eval_chunk = None
+        guard = type("Guard", (), {"retries": []})()
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    generator = torch.Generator().manual_seed(1)
+    state = trainstate.capture(model, optimizer, None, Plan, generator, TrainResult(None), {}, {},
+                               {"epoch": 0, "finished": True, "step": 0, "rows": 0, "steps": 0})
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=generator))
+
+    first = draws()
+    draws()
+    trainstate.restore_rng(state, generator)
+    assert draws() == first
