@@ -111,7 +111,7 @@ def time_to(trace, target):
 
 
 def load_report() -> str:
-    """The 1-minute load average and the busiest other processes, to judge whether timings are clean."""
+    """The 1-minute load average, printed with every table so that a busy machine shows in the numbers."""
     try:
         load = os.getloadavg()[0]
     except OSError:
