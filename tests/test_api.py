@@ -209,3 +209,18 @@ def test_invalid_settings_are_reported_all_at_once():
 def test_unknown_device_lists_the_devices_that_exist():
     with pytest.raises(NnfitError, match="devices here: cpu"):
         nnfit.fit(device="tpu", quiet=True)
+
+
+def test_predict_accepts_a_frame_that_also_holds_the_target(tutorial_run):
+    model, _ = tutorial_run
+    frame = pd.DataFrame({"x": [0.2, 0.4], "y": [0.24, 0.56]})
+    assert np.array_equal(model.predict(frame), model.predict(frame[["x"]]))
+
+
+def test_reduced_precision_does_not_pick_lbfgs():
+    from nnfit.config import Config
+    from nnfit.train import choose_recipe
+
+    assert choose_recipe(Config(), 900, 10_000).optimizer == "lbfgs"
+    assert choose_recipe(Config(precision="bf16"), 900, 10_000).optimizer == "adam"
+    assert choose_recipe(Config(precision="16-mixed"), 900, 10_000).optimizer == "adam"

@@ -293,3 +293,32 @@ def test_init_from_a_different_architecture(run_dir, tmp_path, capsys):
 def test_bad_checkpoint_every(tmp_path, capsys):
     check(capsys, ["train", "--checkpoint-every", "0", "--out", str(tmp_path / "o")], 2,
           "--checkpoint-every must be a positive integer", tmp_path / "o")
+
+
+def test_evaluate_rejects_bad_samples_and_seed(run_dir, capsys):
+    check(capsys, ["evaluate", str(run_dir), "--samples", "-5"], 2, "--samples must be a positive integer")
+    check(capsys, ["evaluate", str(run_dir), "--samples", "0"], 2, "--samples must be a positive integer")
+    check(capsys, ["evaluate", str(run_dir), "--seed", "-1"], 2, "--seed must be 0 or more")
+
+
+def test_evaluate_with_mismatched_arrays(run_dir):
+    import nnfit
+    from nnfit.errors import NnfitError
+
+    model = nnfit.load(run_dir)
+    with pytest.raises(NnfitError, match="X has 5 rows but y has 4 rows"):
+        model.evaluate(X=np.zeros((5, 1)), y=np.zeros(4))
+    with pytest.raises(NnfitError, match="needs the true values"):
+        model.evaluate(X=np.zeros((5, 1)))
+
+
+def test_predict_from_a_table_gives_no_warning(run_dir, tmp_path, capsys):
+    (tmp_path / "in.csv").write_text("x\n0.1\n0.2\n0.3\n")
+    assert main(["predict", str(run_dir), "--data", str(tmp_path / "in.csv")]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("x,y_pred")
+
+
+def test_float64_on_mps_is_refused(tmp_path, capsys):
+    check(capsys, ["train", "--dtype", "float64", "--device", "mps", "--out", str(tmp_path / "o")], 2,
+          "not supported on mps", tmp_path / "o")

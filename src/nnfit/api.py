@@ -6,7 +6,6 @@ import hashlib
 import platform
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -85,16 +84,31 @@ class FittedModel:
 
         Returns shape (n,) for one target and (n, k) for several, in original units.
         """
-        pred = self.predict_tensor(as_matrix(X, self.input_names)).numpy()
+        pred = self.predict_tensor(as_matrix(X, self.input_names, allowed_extra=self.target_names)).numpy()
         return pred[:, 0] if pred.shape[1] == 1 else pred
 
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
                  seed: int | None = None) -> dict[str, float]:
         """Metrics in original units on a table (``data``), on arrays (``X``, ``y``), or for a
         formula run with neither, on fresh points drawn from the domain."""
+        if samples is not None and (not isinstance(samples, int) or samples <= 0):
+            raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
-            Y_t = torch.as_tensor(np.asarray(y, dtype=np.float64)).reshape(len(X_t), -1)
+            if y is None:
+                raise NnfitError("evaluate(X=...) needs the true values too: evaluate(X=..., y=...)")
+            try:
+                Y_t = torch.tensor(np.array(y, dtype=np.float64))
+            except (TypeError, ValueError) as exc:
+                raise NnfitError(f"y could not be read as numbers: {exc}") from None
+            if Y_t.ndim == 0 or len(Y_t) != len(X_t):
+                raise NnfitError(f"X has {len(X_t)} rows but y has {len(Y_t) if Y_t.ndim else 'no'} rows; "
+                                 "they must have one row per sample")
+            Y_t = Y_t.reshape(len(X_t), -1)
+            if not bool(torch.isfinite(Y_t).all()):
+                raise NnfitError("y has NaN or infinite values; drop those rows before evaluating")
         elif data is not None:
             from nnfit.tables import load_table
 
@@ -104,7 +118,7 @@ class FittedModel:
             formula = self.formula
             if formula is None:
                 raise NnfitError("this model was trained on a table; pass data=... (CLI: --data FILE) to evaluate it")
-            n = samples or self.config.test_samples
+            n = self.config.test_samples if samples is None else samples
             s = self.config.seed + TEST_SEED_OFFSET if seed is None else seed
             X_t, Y_t = formula_values(formula, sample_domain(self.config.domain, n, s),
                                       self.config.nonfinite, "test points")
@@ -360,7 +374,8 @@ def _before(module, meta, config: Config, problem: Problem, val_idx) -> dict:
     return out
 
 
-def resume(run, data=None, model=None, reporter: Reporter | None = None) -> FittedModel:
+def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: bool | None = None,
+           verbose: bool | None = None) -> FittedModel:
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
@@ -370,6 +385,7 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None) -> Fitt
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
         data: the DataFrame the run was trained on, if it was given one (a file is read again by itself).
         model: a fresh instance (or the class) of the custom module the run was trained with, if any.
+        quiet, verbose: override the run's own progress settings.
 
     Returns:
         The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
@@ -385,11 +401,10 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None) -> Fitt
     if model is None and state.info.get("custom_model"):
         raise NnfitError(f"the run in {run} was trained with a custom module ({state.info['custom_model']}); "
                          "pass it: nnfit.resume(run, model=YourModule())")
+    shown = {k: v for k, v in (("quiet", quiet), ("verbose", verbose)) if v is not None}
+    if shown:
+        config = config.replace(quiet=bool(quiet), verbose=bool(verbose))
     return fit(data=data, model=model, config=config.replace(resume=True), reporter=reporter)
-
-
-def default_out() -> str:
-    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:

@@ -113,9 +113,6 @@ def save_weights(folder, state: dict, meta: dict) -> None:
 
 def load_weights(folder) -> tuple[dict, dict]:
     """Read and verify a run folder's weights; returns (state_dict on the CPU, metadata)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     folder = Path(folder)
     if not folder.exists():
         raise NnfitError(f"run folder {folder} does not exist; pass the --out folder of a training run")
@@ -126,20 +123,28 @@ def load_weights(folder) -> tuple[dict, dict]:
     if version != FORMAT_VERSION:
         raise NnfitError(f"{folder / META} has format version {version}, but this nnfit "
                          f"reads version {FORMAT_VERSION} (saved by nnfit {meta.get('nnfit_version', '?')})")
-    weights = folder / WEIGHTS
-    try:
-        blob = weights.read_bytes()
-    except FileNotFoundError:
-        raise NnfitError(f"{weights} is missing; the run folder is incomplete") from None
-    expected = meta.get("weights", {}).get("sha256")
-    if expected != sha256(blob):
-        raise NnfitError(f"{weights} does not match the checksum in {META}: the file is truncated, corrupted "
-                         "or was replaced; retrain or restore the run folder")
-    try:
-        state = load(blob)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise NnfitError(f"{weights} could not be read as safetensors: {exc}") from None
+    entry = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
+    state = _read_verified(folder / WEIGHTS, entry.get("sha256"), folder / META,
+                           "the run folder is incomplete", "retrain or restore the run folder")
     return state, meta
+
+
+def _read_verified(path: Path, expected_sha256, named_in: Path, missing: str, remedy: str) -> dict:
+    """Read a safetensors file whose SHA-256 is recorded in ``named_in``; every failure is an NnfitError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        raise NnfitError(f"{path} (named in {named_in}) is missing or unreadable; {missing}") from None
+    if expected_sha256 != sha256(blob):
+        raise NnfitError(f"{path} does not match the checksum in {named_in}: the file is truncated, corrupted "
+                         f"or was replaced; {remedy}")
+    try:
+        return load(blob)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise NnfitError(f"{path} could not be read as safetensors: {exc}") from None
 
 
 # Training state: what `nnfit resume RUN` continues from.
@@ -183,9 +188,6 @@ def remove_state(folder) -> None:
 
 def read_state(folder) -> tuple[dict, dict]:
     """Read and verify a training state; returns (tensors on the CPU, the rest)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     folder = Path(folder)
     if not folder.is_dir():
         raise NnfitError(f"run folder {folder} does not exist" if not folder.exists() else
@@ -207,18 +209,8 @@ def read_state(folder) -> tuple[dict, dict]:
                          "resume it with that nnfit, or start again")
     entry = info.get("tensors") if isinstance(info.get("tensors"), dict) else {}
     tensors_path = folder / Path(str(entry.get("file", ""))).name
-    try:
-        blob = tensors_path.read_bytes()
-    except OSError:
-        raise NnfitError(f"{tensors_path} (named in {path}) is missing or unreadable; "
-                         "the training state is damaged: start the run again") from None
-    if entry.get("sha256") != sha256(blob):
-        raise NnfitError(f"{tensors_path} does not match the checksum in {path}: the file is truncated or "
-                         "corrupted; the training state cannot be used: start the run again")
-    try:
-        tensors = load(blob)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise NnfitError(f"{tensors_path} could not be read as safetensors: {exc}") from None
+    tensors = _read_verified(tensors_path, entry.get("sha256"), path, "the training state is damaged: start the "
+                             "run again", "the training state cannot be used: start the run again")
     return tensors, info
 
 

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "disk space, from the training state in its folder. The samples are drawn or read again; "
                        "with a fixed seed on the CPU the result is bit-identical to an uninterrupted run.")
     p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--quiet", action="store_true", default=None, help="print only errors and the result")
+    p.add_argument("--verbose", action="store_true", default=None, help="print every epoch")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     p = sub.add_parser("predict", help="predict with a trained model", description="Predict with a trained model.")
@@ -160,7 +162,7 @@ def cmd_resume(args) -> int:
     except (NnfitError, AttributeError, TypeError, ValueError):
         workers = 1  # nnfit.resume reports what is wrong with the run folder
     with _stop_on_signals(workers):
-        model = nnfit.resume(args.run)
+        model = nnfit.resume(args.run, quiet=args.quiet, verbose=args.verbose)
     return _report(model, model.config, args.command)
 
 

@@ -187,6 +187,8 @@ class Config:
                 p.append(f"--domain {name}={low}:{high} is empty; give LOW < HIGH")
             elif low > high:
                 p.append(f"--domain {name}={low}:{high} has reversed bounds; did you mean {name}={high}:{low}?")
+        if self.dtype == "float64" and str(self.device).strip().lower() == "mps":
+            p.append("--dtype float64 is not supported on mps (Apple GPUs have no float64); use --dtype float32")
         if self.quiet and self.verbose:
             p.append("--quiet and --verbose were both given; choose one")
         if self.resume and not self.out:

@@ -153,16 +153,17 @@ class Scaling:
         return Y * std + mean
 
 
-def as_matrix(X, input_names, what: str = "X") -> torch.Tensor:
+def as_matrix(X, input_names, what: str = "X", allowed_extra=()) -> torch.Tensor:
     """A numpy array, DataFrame or tensor as a float64 tensor of shape (n, len(input_names)).
 
-    A DataFrame is matched by column name; missing or extra columns are an error that names them.
+    A DataFrame is matched by column name; missing or extra columns are an error that names them,
+    except columns named in ``allowed_extra`` (the model's targets), which are ignored.
     """
     d = len(input_names)
     if hasattr(X, "columns"):  # a pandas DataFrame
         cols = [str(c) for c in X.columns]
         missing = [c for c in input_names if c not in cols]
-        extra = [c for c in cols if c not in input_names]
+        extra = [c for c in cols if c not in input_names and c not in allowed_extra]
         if missing or extra:
             parts = []
             if missing:

@@ -350,3 +350,8 @@ class MemoryGuard:
         self.log(f"out of memory in {where} with a batch of {size}; retrying with {new} "
                  f"(floor --min-batch-size {self.min_batch_size})")
         return new
+
+
+def accumulator(device) -> torch.dtype:
+    """The dtype for running sums of losses: float64, except on MPS, which has none."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64

@@ -374,7 +374,7 @@ def _require_numbers(column: pd.Series, bad: np.ndarray, name: str) -> None:
         )
 
 
-def _check_values(numbers, name, input_names, target_names):
+def _check_values(numbers, name, input_names, target_names, warn_constant=True):
     """Stack the columns into X and Y, requiring every value to be a finite number."""
     X = np.column_stack([numbers[c] for c in input_names])
     Y = np.column_stack([numbers[c] for c in target_names])
@@ -390,7 +390,7 @@ def _check_values(numbers, name, input_names, target_names):
         raise NnfitError(
             f"{name} has missing or non-finite values at {shown}{more}; drop or fill those rows"
         )
-    for j, column in enumerate(target_names):
+    for j, column in enumerate(target_names if warn_constant else ()):
         if len(Y) > 1 and np.all(Y[:, j] == Y[0, j]):
             warnings.warn(
                 f"target column {column!r} in {name} is constant (every value is {Y[0, j]:g}); "
@@ -450,7 +450,8 @@ def read_inputs(source, input_names, allowed_extra=()) -> pd.DataFrame:
     for column in input_names:
         numbers[column], bad = _as_numbers(frame[column])
         _require_numbers(frame[column], bad, name)
-    X, _ = _check_values({**numbers, "": np.zeros(len(frame))}, name, tuple(input_names), ("",))
+    X, _ = _check_values({**numbers, "": np.zeros(len(frame))}, name, tuple(input_names), ("",),
+                         warn_constant=False)
     out = frame.copy()
     out[list(input_names)] = X
     return out

@@ -63,7 +63,8 @@ def choose_recipe(config, n_train: int, n_params: int) -> Recipe:
     optimizer = config.optimizer
     if optimizer == "auto":
         # fp16 needs a loss scaler, which L-BFGS's line search cannot use.
-        small = n_train * n_params <= LBFGS_MAX_WORK and config.precision != "16-mixed"
+        # Nor can it work on bf16-rounded losses: its line search sees steps of the rounding, not of the loss.
+        small = n_train * n_params <= LBFGS_MAX_WORK and config.precision == "32"
         optimizer = "lbfgs" if small else "adam"
     if optimizer == "lbfgs":
         return Recipe("lbfgs", config.lr or 1.0, n_train, config.epochs or 200, "none", config.patience or 10)
@@ -434,7 +435,7 @@ def _epoch(model, optimizer, scheduler, X, Y, batch_size, config, reporter, epoc
     """One pass over the (already permuted) training data in contiguous slices; ``progress`` (steps,
     rows, running loss) continues an epoch that a saved state interrupted."""
     n = len(X)
-    step, i, total = progress or (0, 0, torch.zeros((), device=plan.device, dtype=torch.float64))
+    step, i, total = progress or (0, 0, torch.zeros((), device=plan.device, dtype=devices.accumulator(plan.device)))
     log_every = config.log_every
     while i < n:
         xb, yb = X[i:i + batch_size], Y[i:i + batch_size]
@@ -570,7 +571,7 @@ def squared_error_sum(model, X, Y, chunk: int = 65536, plan=None) -> torch.Tenso
     model.eval()
     device = plan.device if plan is not None else X.device
     chunk = plan.eval_chunk if plan is not None and plan.eval_chunk else chunk
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros((), device=device, dtype=devices.accumulator(device))
     i = 0
     with torch.inference_mode():
         while i < len(X):
@@ -592,9 +593,9 @@ def squared_error_sum(model, X, Y, chunk: int = 65536, plan=None) -> torch.Tenso
 def _reduce_epoch(model, train_loss, train_rows: int, X_val, Y_val, ctx, plan, deadline):
     """The epoch's numbers over all ranks in one all-reduce: the training loss, the validation loss of
     the whole validation set, and whether any rank ran out of time, so that every rank stops together."""
-    f64 = {"device": plan.device, "dtype": torch.float64}
+    f64 = {"device": plan.device, "dtype": devices.accumulator(plan.device)}
     sse = squared_error_sum(model, X_val, Y_val, plan=plan) if len(X_val) else torch.zeros((), **f64)
-    local = [train_loss.double() * train_rows, torch.tensor(float(train_rows), **f64), sse.double(),
+    local = [train_loss.to(f64["dtype"]) * train_rows, torch.tensor(float(train_rows), **f64), sse.to(f64["dtype"]),
              torch.tensor(float(Y_val.numel()), **f64), torch.tensor(float(time.perf_counter() >= deadline), **f64)]
     stats = devices.all_reduce(torch.stack(local), ctx)
     train = stats[0] / stats[1]
