@@ -36,9 +36,7 @@ def _figure_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    # The layout engine instead of bbox_inches="tight", which draws every figure twice.
-    fig.set_layout_engine("constrained")
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
