@@ -100,7 +100,8 @@ class FittedModel:
             if y is None:
                 raise NnfitError("evaluate(X=...) needs the true values too: evaluate(X=..., y=...)")
             try:
-                Y_t = torch.tensor(np.array(y, dtype=np.float64))
+                Y_t = y.detach().to("cpu", torch.float64) if isinstance(y, torch.Tensor) \
+                    else torch.tensor(np.array(y, dtype=np.float64))
             except (TypeError, ValueError) as exc:
                 raise NnfitError(f"y could not be read as numbers: {exc}") from None
             if Y_t.ndim == 0 or len(Y_t) != len(X_t):
