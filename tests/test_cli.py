@@ -72,7 +72,7 @@ def test_mistakes_exit_2_with_one_line(argv, phrase, capsys, tmp_path, monkeypat
 def test_predict_input_errors(tutorial_run, capsys):
     _, out = tutorial_run
     for argv, phrase in ((["--input", "z=1"], "not an input"), (["--input", "x=abc"], "not a number"),
-                         ([], "either with --data")):
+                         ([], "no inputs given")):
         code, _, err = run(capsys, "predict", str(out), *argv)
         assert code == 2 and phrase in err
 

@@ -149,3 +149,22 @@ def test_every_rng_state_round_trips():
     draws()
     trainstate.restore_rng(state, generator)
     assert draws() == first
+
+
+def test_resume_a_table_run_from_another_folder(tmp_path, monkeypatch, capsys):
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    (start / "t.csv").write_text("x,y\n" + "".join(f"{i / 40},{(i / 40) ** 2}\n" for i in range(40)))
+    monkeypatch.chdir(start)
+    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:3")
+    monkeypatch.setattr(devices, "kill_self", lambda: (_ for _ in ()).throw(SystemExit(137)))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "t.csv", "--target", "y", "--optimizer", "adam", "--batch-size", "8",
+              "--checkpoint-every", "2", "--epochs", "3", "--no-plots", "--quiet", "--out", str(tmp_path / "run")])
+    monkeypatch.delenv("NNFIT_FAULT")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["resume", str(tmp_path / "run")]) == 2
+    assert "pass the table's path: nnfit resume RUN --data PATH" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "run"), "--data", str(start / "t.csv"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()

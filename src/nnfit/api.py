@@ -118,7 +118,8 @@ class FittedModel:
         else:
             formula = self.formula
             if formula is None:
-                raise NnfitError("this model was trained on a table; pass data=... (CLI: --data FILE) to evaluate it")
+                raise NnfitError("this model was trained on a table, so there is no formula to draw test points from; "
+                                 "pass a labelled table: --data FILE (in Python: evaluate(data=...))")
             n = self.config.test_samples if samples is None else samples
             s = self.config.seed + TEST_SEED_OFFSET if seed is None else seed
             X_t, Y_t = formula_values(formula, sample_domain(self.config.domain, n, s),
@@ -384,7 +385,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
 
     Args:
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
-        data: the DataFrame the run was trained on, if it was given one (a file is read again by itself).
+        data: the DataFrame the run was trained on, if it was given one. A file is read again by itself,
+            from the path in config.json; pass its path here if it moved or the run started elsewhere.
         model: a fresh instance (or the class) of the custom module the run was trained with, if any.
         quiet, verbose: override the run's own progress settings.
 
@@ -396,6 +398,11 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     config = Config.from_dict(checkpoint.read_json(run / "config.json", "run config"))
     if not config.out or Path(config.out).resolve() != run.resolve():
         config = config.replace(out=str(run))  # the folder was moved, or is named from elsewhere
+    if isinstance(data, (str, Path)):
+        config, data = config.replace(data=str(data)), None
+    elif data is None and config.data is not None and not Path(config.data).exists():
+        raise NnfitError(f"the run's table {config.data} is not found from {Path.cwd()}; run nnfit resume from the "
+                         "folder the run was started in, or pass the table's path: nnfit resume RUN --data PATH")
     if data is None and state.info.get("source") == "dataframe":
         raise NnfitError(f"the run in {run} was trained on a DataFrame passed to fit(); pass the same one: "
                          "nnfit.resume(run, data=df)")

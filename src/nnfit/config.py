@@ -327,7 +327,7 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
             return _parse_items(name, flag, text, problems)
     except ValueError:
         example = {"int": "an integer", "float": "a number", "ints": "integers such as 100,100",
-                   "domain": "NAME=LOW:HIGH such as x=0:1"}.get(kind, "a value")
+                   "domain": "NAME=LOW:HIGH such as x=0:1, with numbers or pi, -pi, 2pi, e as bounds"}.get(kind, "a value")
         problems.append(f"{flag} must be {example}, got {text!r}")
         return FIELDS[name].default
     return text

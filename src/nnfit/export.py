@@ -73,7 +73,8 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
         import onnx
     except ImportError:
         raise NnfitError("ONNX export needs the onnx package, which is not installed; install it with "
-                         "pip install 'nnfit[export]' (onnx and onnxruntime)") from None
+                         "pip install 'nnfit[export]' (onnx and onnxruntime; from a clone: "
+                         "pip install -e '.[export]')") from None
 
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -17,7 +17,7 @@ try:
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as exc:
     raise ImportError("nnfit.Regressor needs scikit-learn 1.6 or newer, which is not installed; "
-                      "install it with pip install 'nnfit[sklearn]'") from exc
+                      "install it with pip install 'nnfit[sklearn]' (from a clone: pip install -e '.[sklearn]')") from exc
 
 from nnfit.config import FIELDS
 from nnfit.errors import NnfitError

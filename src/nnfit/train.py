@@ -411,7 +411,8 @@ def _tensorboard(config, ctx):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise NnfitError("--tensorboard needs the tensorboard package, which is not installed; install it with "
-                         "pip install 'nnfit[tensorboard]' (or pip install tensorboard), or drop --tensorboard") from None
+                         "pip install 'nnfit[tensorboard]' (from a clone: pip install -e '.[tensorboard]'), "
+                         "or drop --tensorboard") from None
     from pathlib import Path
 
     return SummaryWriter(log_dir=str(Path(config.out) / "tb"))
