@@ -185,7 +185,8 @@ def _report(model, config, command: str) -> int:
     if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
         return 0
     s = model.summary
-    print(f"\n{s['source']}: {s['epochs']} epochs in {s['train_seconds']:.2f} s; stopped: {s['stopped']}")
+    epochs = f"{s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}"
+    print(f"\n{s['source']}: {epochs} in {s['train_seconds']:.2f} s; stopped: {s['stopped']}")
     before = s.get("init_from", {})
     print(metrics_table({"validation": s.get("validation"), "test before": before.get("test_before"),
                          "test": s.get("test")}))

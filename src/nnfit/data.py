@@ -81,6 +81,9 @@ def build_problem(config, data=None) -> Problem:
                       NnfitWarning)
     X = sample_domain(domain, config.samples, config.seed)
     X, Y = formula_values(formula, X, config.nonfinite, "sample points")
+    if len(Y) > 1 and bool((Y == Y[0]).all()):
+        warnings.warn(f"formula {formula.text!r} is constant ({float(Y[0, 0]):g}) over the domain; "
+                      "the fit is trivial", NnfitWarning)
     targets = tuple(config.target) or ("y",)
     if len(targets) != 1:
         raise NnfitError(f"a formula has one target, but --target names {len(targets)}: {', '.join(targets)}")
@@ -123,10 +126,7 @@ class Scaling:
             return mean, torch.where(constant, torch.ones_like(std), std), constant
 
         x_mean, x_std, _ = stats(X)
-        y_mean, y_std, constant = stats(Y)
-        if bool(constant.any()) and len(Y) > 1:
-            names = [n for n, c in zip(target_names or range(Y.shape[1]), constant.tolist()) if c]
-            warnings.warn(f"target {', '.join(map(str, names))} is constant; the fit is trivial", NnfitWarning)
+        y_mean, y_std, _ = stats(Y)  # a constant target was warned about where the samples were made
         return cls(*(tuple(t.tolist()) for t in (x_mean, x_std, y_mean, y_std)))
 
     @classmethod
