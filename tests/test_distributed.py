@@ -4,6 +4,7 @@ Few tests, each starting processes once (they are slow to start)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -131,3 +132,41 @@ def test_a_crashed_worker_fails_the_run_promptly_with_its_message(tmp_path):
     assert lines[1] == "worker 1 of 2 exited with code 3; the other workers were stopped"
     assert lines[2] == "worker 1 of 2: column 'y' not found"
     assert "RuntimeError: boom in worker 1" in done.stderr  # the traceback reached the terminal
+
+
+def test_signals_save_the_state_of_a_two_worker_run_and_resume_finishes_it(tmp_path):
+    out = tmp_path / "run"
+    long = [*_train_command(out), "--batch-size", "32", "--epochs", "100", "--patience", "1000", "--devices", "2"]
+
+    def stopped(args, sig, group):
+        # start_new_session: killpg reaches the launcher and its workers, as a terminal's Ctrl-C does.
+        proc = subprocess.Popen([sys.executable, "-m", "nnfit", *args], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            for line in proc.stderr:  # progress goes to stderr: wait for the first epoch line
+                if line.startswith("epoch"):
+                    break
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 128 + sig, err
+        assert err.count(f"nnfit: {signal.Signals(sig).name}: training stopped at the end of epoch ") == 1
+        assert f"the training state is saved in {out}; continue with: nnfit resume {out}" in err
+        assert "Traceback" not in err
+        assert (out / "state.json").exists() and not (out / "model.safetensors").exists()
+        return json.loads((out / "state.json").read_text())["position"]["epoch"]
+
+    first = stopped(long, signal.SIGINT, group=True)
+    second = stopped(["resume", str(out)], signal.SIGTERM, group=False)  # resume relaunches two workers
+    assert second > first
+    done = subprocess.run([sys.executable, "-m", "nnfit", "resume", str(out)], capture_output=True, text=True,
+                          timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert "DDP over gloo" in done.stderr and (out / "model.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 100

@@ -315,7 +315,7 @@ def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Save
     info = {"nnfit_version": nnfit.__version__, "config": config.replace(resume=False).to_dict(),
             "fingerprint": fingerprint, "source": "dataframe" if config.data is None and config.formula is None
             else problem.source, "custom_model": type(user_model).__name__ if user_model is not None else None}
-    return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state)
+    return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state, ctx.distributed)
 
 
 def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx):

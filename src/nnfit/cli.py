@@ -169,14 +169,15 @@ def cmd_resume(args) -> int:
 
 def _stop_on_signals(workers: int):
     """SIGINT and SIGTERM save the training state and stop (exit 130 or 143); a second one stops at once.
-    Not with several workers: each has its own loop, and stopping one would leave the others waiting."""
+    Under DDP the ranks agree to stop at an epoch end. With ``--devices N`` this process only starts the
+    workers, and ``launch.run_workers`` forwards the signal to them."""
     from contextlib import nullcontext
 
     from nnfit import devices, trainstate
 
-    if workers > 1 or devices.launched():
+    if workers > 1 and not devices.launched():
         return nullcontext()
-    return trainstate.handling_signals()
+    return trainstate.handling_signals(trainstate.ECHO_SECONDS if devices.launched() else 0.0)
 
 
 def _report(model, config, command: str) -> int:

@@ -28,9 +28,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training after the training state was saved.
 
     A KeyboardInterrupt, so that ``except Exception`` does not swallow it. ``exit_code`` is
-    128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    128 + the signal number (130 for SIGINT, 143 for SIGTERM). ``at_once``: a second signal stopped it
+    without saving.
     """
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, at_once: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.at_once = at_once

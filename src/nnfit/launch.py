@@ -3,16 +3,21 @@
 The workers are spawned with ``torch.multiprocessing``. Each one gets the environment torchrun
 would give it (MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) and runs
 the ordinary ``nnfit.fit``, which joins the process group. When a worker fails, the others are
-stopped at once and the run fails with that worker's message: it never hangs.
+stopped at once and the run fails with that worker's message: it never hangs. SIGINT and SIGTERM
+are forwarded to the workers, which agree to save and stop at the next epoch end; the run then stops
+with rank 0's message and exit code (130 or 143). A second signal stops the workers at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -20,8 +25,8 @@ from pathlib import Path
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from nnfit import devices
-from nnfit.errors import NnfitError, NnfitWarning
+from nnfit import devices, trainstate
+from nnfit.errors import NnfitError, NnfitWarning, TrainingInterrupted
 
 GRACE_SECONDS = 5.0  # after one worker fails, how long the others get to exit before they are killed
 
@@ -36,17 +41,51 @@ def run_workers(fn, args: tuple, n: int) -> None:
     with tempfile.TemporaryDirectory(prefix="nnfit-workers-") as errors:
         workers = mp.start_processes(_worker, args=(fn, args, n, port, errors), nprocs=n, join=False,
                                      start_method="spawn")
+        received: list = []
         try:
-            # join() returns as soon as any worker fails, and then stops the rest.
-            while not workers.join(grace_period=GRACE_SECONDS):
-                pass
+            with _forwarding_signals(workers.processes, received):
+                # join() returns as soon as any worker fails, and then stops the rest.
+                while not workers.join(grace_period=GRACE_SECONDS):
+                    pass
         except ProcessException as exc:
+            if received:  # e.g. a worker that was still starting: its signal stopped it unsaved
+                name = signal.Signals(received[0]).name
+                raise TrainingInterrupted(f"{name}: {_failure(exc, n, errors)}", 128 + received[0]) from None
             raise NnfitError(_failure(exc, n, errors)) from None
         except KeyboardInterrupt:
             for process in workers.processes:
                 if process.is_alive():
-                    process.terminate()
+                    process.kill()
             raise
+        stops = sorted(Path(errors).glob("*.stop"), key=lambda p: int(p.stem))
+        if stops:  # the workers stopped together: say it once, as rank 0 did
+            code, message = stops[0].read_text().split(" ", 1)
+            raise TrainingInterrupted(message, int(code))
+
+
+@contextlib.contextmanager
+def _forwarding_signals(processes, received: list):
+    """The first SIGINT or SIGTERM goes on to the workers (a Ctrl-C that the terminal also sent them
+    counts once there, see ``trainstate.handling_signals``); a second one stops them at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving",
+                                      128 + signum, at_once=True)
+        received.append(signum)
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:
@@ -55,7 +94,12 @@ def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:
     if rank == 0:
         warnings.showwarning = _show_warning
     try:
-        fn(rank, *args)
+        with trainstate.handling_signals(trainstate.ECHO_SECONDS):
+            fn(rank, *args)
+    except TrainingInterrupted as exc:
+        Path(errors, f"{rank}.stop").write_text(f"{exc.exit_code} {exc}")
+        # Saved: exit 0, so that join() waits for rank 0 to finish writing. At once: stop the others too.
+        sys.exit(exc.exit_code if exc.at_once else 0)
     except NnfitError as exc:  # the user's mistake: one line, as in a single process
         Path(errors, f"{rank}.txt").write_text(str(exc))
         sys.exit(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     (a ``trainstate.Saver``) writes the training state and may hold the state to resume from.
     """
     ctx = ctx or devices.Context(device=next(model.parameters()).device)
-    saver = saver or trainstate.Saver(None, None)
+    saver = saver or trainstate.Saver(None, None, together=ctx.distributed)
     n_train = len(data.X_train)
     named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
     frozen_at_start = [n for n, p in freeze.unwrap(model).named_parameters() if not p.requires_grad]
@@ -259,8 +260,8 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
                                     math.inf if ctx.distributed else deadline, plan, saver, progress)
         if ctx.distributed:
             train_rows = len(X_lbfgs) if recipe.optimizer == "lbfgs" else len(X)
-            train_loss, val_loss, out_of_time = _reduce_epoch(model, train_loss, train_rows, X_val, Y_val, ctx, plan,
-                                                              deadline)
+            train_loss, val_loss, out_of_time, saver.agreed = _reduce_epoch(model, train_loss, train_rows, X_val,
+                                                                            Y_val, ctx, plan, deadline)
         else:
             val_loss = evaluate_loss(model, data.X_val, data.Y_val, plan=plan) if has_val else train_loss
             out_of_time = False
@@ -593,15 +594,25 @@ def squared_error_sum(model, X, Y, chunk: int = 65536, plan=None) -> torch.Tenso
 
 def _reduce_epoch(model, train_loss, train_rows: int, X_val, Y_val, ctx, plan, deadline):
     """The epoch's numbers over all ranks in one all-reduce: the training loss, the validation loss of
-    the whole validation set, and whether any rank ran out of time, so that every rank stops together."""
+    the whole validation set, whether any rank ran out of time, and whether any was sent SIGINT or SIGTERM,
+    so that every rank stops together (the last two as the signal to stop for, or None)."""
     f64 = {"device": plan.device, "dtype": devices.accumulator(plan.device)}
     sse = squared_error_sum(model, X_val, Y_val, plan=plan) if len(X_val) else torch.zeros((), **f64)
     local = [train_loss.to(f64["dtype"]) * train_rows, torch.tensor(float(train_rows), **f64), sse.to(f64["dtype"]),
-             torch.tensor(float(Y_val.numel()), **f64), torch.tensor(float(time.perf_counter() >= deadline), **f64)]
+             torch.tensor(float(Y_val.numel()), **f64), torch.tensor(float(time.perf_counter() >= deadline), **f64),
+             torch.tensor(_stop_vote(trainstate.STOP.signal, ctx.world_size), **f64)]
     stats = devices.all_reduce(torch.stack(local), ctx)
     train = stats[0] / stats[1]
     val = stats[2] / stats[3] if plan.has_val else train
-    return train, val, bool(stats[4] > 0)
+    votes = float(stats[5])
+    stop = signal.SIGTERM if votes > ctx.world_size else signal.SIGINT if votes > 0 else None
+    return train, val, bool(stats[4] > 0), stop
+
+
+def _stop_vote(signum: int | None, world_size: int) -> float:
+    """A rank's stop request as one summable number: 0 none, 1 SIGINT, world_size + 1 SIGTERM. The sum
+    over the ranks says whether any was asked to stop, and whether any by SIGTERM (which then wins)."""
+    return 0.0 if signum is None else float(world_size + 1) if signum == signal.SIGTERM else 1.0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from nnfit import checkpoint, devices
 from nnfit.errors import NnfitError, TrainingInterrupted
 
 DEFAULT_MIN_SECONDS = 1.0  # without --checkpoint-every: at most one epoch-end save per second
+ECHO_SECONDS = 0.5  # the same signal again this soon is the launcher forwarding it, not a second Ctrl-C
 
 
 @dataclass
@@ -122,25 +123,31 @@ class StopRequest:
     """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync)."""
 
     signal: int | None = None
+    since: float = 0.0  # when it came (time.monotonic())
 
 
 STOP = StopRequest()  # process-wide, as signal handlers are
 
 
 @contextlib.contextmanager
-def handling_signals():
+def handling_signals(echo_seconds: float = 0.0):
     """While active, SIGINT and SIGTERM make training save its state at the next step and raise
     TrainingInterrupted; a second signal stops at once. Only in the main thread (as Python requires);
-    the CLI uses it, a library caller may."""
+    the CLI uses it, a library caller may.
+
+    In a worker, a repeat of the same signal within ``echo_seconds`` (``ECHO_SECONDS``) is not a second
+    one: a launcher (``--devices N``, torchrun) forwards the Ctrl-C that the terminal also sent to it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if STOP.signal == signum and time.monotonic() - STOP.since < echo_seconds:
+            return
         if STOP.signal is not None:  # the second one: no more waiting for the step to end
             raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving",
-                                      128 + signum)
-        STOP.signal = signum
+                                      128 + signum, at_once=True)
+        STOP.signal, STOP.since = signum, time.monotonic()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -154,11 +161,13 @@ def handling_signals():
 class Saver:
     """When the training state is written (every ``every`` steps and at epoch ends), and where.
 
-    Only the main process writes. ``capture(position, perm, total)`` is set by the loop.
+    Only the main process writes. ``capture(position, perm, total)`` is set by the loop. With
+    ``together`` (DDP) a signal stops only at an epoch end, when the ranks have agreed on it in the
+    epoch's all-reduce and the loop has set ``agreed``: otherwise one rank would wait for the others.
     """
 
     def __init__(self, folder, every: int | None, is_main: bool = True, info: dict | None = None,
-                 resume: State | None = None):
+                 resume: State | None = None, together: bool = False):
         self.folder = Path(folder) if folder else None
         self.every = every
         self.write_here = self.folder is not None and is_main
@@ -172,6 +181,11 @@ class Saver:
         self.capture = None
         self.epoch = 0
         self.perm = None
+        self.together = together
+        self.agreed: int | None = None  # the signal all ranks stop for (set by the loop under DDP)
+
+    def _requested(self) -> int | None:
+        return self.agreed if self.together else STOP.signal
 
     def step(self) -> bool:
         """Count a step; True when a checkpoint is due or a stop was requested (no host sync)."""
@@ -179,18 +193,18 @@ class Saver:
         self._process_steps += 1
         if self._process_steps == self._kill_at:  # NNFIT_FAULT=kill-at-step:N
             devices.kill_self()
-        return (self.every is not None and self.steps % self.every == 0) or STOP.signal is not None
+        return (self.every is not None and self.steps % self.every == 0) or self._requested() is not None
 
     def mid_epoch(self, step: int, rows: int, total: torch.Tensor) -> None:
         position = {"epoch": self.epoch, "finished": False, "step": step, "rows": rows, "steps": self.steps}
-        if STOP.signal is not None:
+        if self._requested() is not None:
             self._stop(self.capture(position, self.perm, total))
         # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
         if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
             self.write(self.capture(position, self.perm, total))
 
     def epoch_end(self, state: State) -> None:
-        if STOP.signal is not None:
+        if self._requested() is not None:
             self._stop(state)
         due = self.every is not None or time.perf_counter() - self._last_write >= DEFAULT_MIN_SECONDS
         if self.write_here and due:
@@ -213,13 +227,12 @@ class Saver:
         self._last_write = time.perf_counter()
 
     def _stop(self, state: State) -> None:
-        signum = STOP.signal
+        signum = self._requested()
         name = signal.Signals(signum).name
         if self.write_here:
             self.write(state)
-            how = f"the training state is saved in {self.folder}; continue with: nnfit resume {self.folder}"
-        elif self.folder is None:
+        if self.folder is None:
             how = "there is no run folder (out=...), so nothing was saved"
-        else:
-            how = f"rank 0 saves the training state in {self.folder}"
+        else:  # every rank says what rank 0 does: each worker of torchrun prints it
+            how = f"the training state is saved in {self.folder}; continue with: nnfit resume {self.folder}"
         raise TrainingInterrupted(f"{name}: training stopped at {state.describe()}; {how}", 128 + signum)
