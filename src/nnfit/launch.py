@@ -10,14 +10,12 @@ with rank 0's message and exit code (130 or 143). A second signal stops the work
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -63,29 +61,19 @@ def run_workers(fn, args: tuple, n: int) -> None:
             raise TrainingInterrupted(message, int(code))
 
 
-@contextlib.contextmanager
 def _forwarding_signals(processes, received: list):
     """The first SIGINT or SIGTERM goes on to the workers (a Ctrl-C that the terminal also sent them
     counts once there, see ``trainstate.handling_signals``); a second one stops them at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         if received:
-            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving",
-                                      128 + signum, at_once=True)
+            raise trainstate.stopped_at_once(signum)
         received.append(signum)
         for process in processes:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return trainstate.on_stop_signals(handler)
 
 
 def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:

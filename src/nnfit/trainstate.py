@@ -137,25 +137,39 @@ def handling_signals(echo_seconds: float = 0.0):
 
     In a worker, a repeat of the same signal within ``echo_seconds`` (``ECHO_SECONDS``) is not a second
     one: a launcher (``--devices N``, torchrun) forwards the Ctrl-C that the terminal also sent to it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum, frame):
         if STOP.signal == signum and time.monotonic() - STOP.since < echo_seconds:
             return
         if STOP.signal is not None:  # the second one: no more waiting for the step to end
-            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving",
-                                      128 + signum, at_once=True)
+            raise stopped_at_once(signum)
         STOP.signal, STOP.since = signum, time.monotonic()
 
+    try:
+        with on_stop_signals(handler):
+            yield
+    finally:
+        STOP.signal = None
+
+
+def stopped_at_once(signum: int) -> TrainingInterrupted:
+    """What a second SIGINT or SIGTERM raises: stop now, without saving."""
+    return TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving",
+                               128 + signum, at_once=True)
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler):
+    """``handler`` for SIGINT and SIGTERM while active, the previous handlers after. Python installs
+    signal handlers only in the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        STOP.signal = None
 
 
 class Saver:
