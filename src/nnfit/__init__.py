@@ -11,10 +11,10 @@ from nnfit.config import Config
 from nnfit.errors import NnfitError, NnfitWarning
 
 __version__ = "0.1.0"
-__all__ = ["Config", "FittedModel", "NnfitError", "NnfitWarning", "Regressor", "fit", "inspect", "load", "resume"]
+__all__ = ["Config", "FittedModel", "NnfitError", "NnfitWarning", "Regressor", "fit", "inspect", "load", "resume", "sweep"]
 
 _LAZY = {"fit": "nnfit.api", "load": "nnfit.api", "resume": "nnfit.api", "FittedModel": "nnfit.api",
-         "Regressor": "nnfit.sklearn", "inspect": "nnfit.freeze"}
+         "Regressor": "nnfit.sklearn", "inspect": "nnfit.freeze", "sweep": "nnfit.sweeps"}
 
 
 def __getattr__(name):

@@ -209,10 +209,11 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
 
 
 def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
-         scaling: Scaling | None = None) -> FittedModel:
-    """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit."""
+         scaling: Scaling | None = None, problem: Problem | None = None) -> FittedModel:
+    """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit.
+    ``problem``: samples already built (a sweep builds them once for all its configurations)."""
     started = time.perf_counter()
-    problem = build_problem(config, frame)
+    problem = problem or build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)

@@ -23,11 +23,23 @@ class _Parser(argparse.ArgumentParser):
         raise NnfitError(f"{message} (see {self.prog} --help)")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+# nnfit sweep: these options take lists; the configurations are every combination.
+SWEEP_LISTS = {"lr": ("LR,LR...", "learning rates to try, comma-separated, such as 1e-3,3e-3,1e-2"),
+               "hidden": ("W,W:W,W...", "networks to try: hidden widths comma-separated, networks separated by "
+                          "':', such as 64,64:100,100"),
+               "activation": ("ACT,ACT...", "activations to try, comma-separated, such as tanh,silu")}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, lists=None) -> None:
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     for f in dataclasses.fields(Config):
         meta = f.metadata
         if not meta.get("cli", True):
+            continue
+        if lists and f.name in lists:
+            metavar, help = lists[f.name]
+            groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=metavar,
+                                               default=argparse.SUPPRESS, help=help)
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         group = groups[meta["group"]]
@@ -61,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         _add_config_options(p)
+
+    help = "train every combination of learning rates, networks and activations; keep the best"
+    p = sub.add_parser("sweep", help=help, description=help + " by validation loss, as an ordinary run folder "
+                       "with sweep.csv (one row per configuration) beside it. The samples are built once and "
+                       "shared. By default successive halving: every configuration trains with 1/3, 1/9, ... of "
+                       "the budget, the best third goes on, and the last one trains with the full budget. Other "
+                       "options are those of nnfit train, one value each.")
+    p.add_argument("--width", metavar="W,W...", help="hidden widths to try, comma-separated, each at every --depth "
+                   "(in place of --hidden)")
+    p.add_argument("--depth", metavar="N,N...", help="numbers of hidden layers to try, comma-separated (in place "
+                   "of --hidden; default width: that of --hidden)")
+    p.add_argument("--exhaustive", action="store_true", help="train every configuration with the full budget "
+                   "(no successive halving)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _add_config_options(p, SWEEP_LISTS)
 
     p = sub.add_parser("resume", help="continue a stopped run from its training state",
                        description="Continue a run that was killed, interrupted (Ctrl-C, SIGTERM) or ran out of "
@@ -152,6 +179,26 @@ def cmd_train(args) -> int:
     with _stop_on_signals(config.devices):
         model = nnfit.fit(config=config)
     return _report(model, config, args.command)
+
+
+def cmd_sweep(args) -> int:
+    import nnfit
+    from nnfit.report import metrics_table
+
+    swept = {name: vars(args).pop(name) for name in SWEEP_LISTS if hasattr(args, name)}
+    config = config_from_args(args)
+    result = nnfit.sweep(config=config, width=args.width, depth=args.depth, exhaustive=args.exhaustive, **swept)
+    print(f"\nsweep of {len(result.rows)} configurations in {result.seconds:.1f} s, chosen by validation loss "
+          "(* marks the winner; rung: how far it went in successive halving)")
+    print(result.table())
+    s = result.best.summary
+    print(f"\nwinner #{s['sweep']['selected']}: {s['recipe']}, hidden {','.join(map(str, result.best.config.hidden))}, "
+          f"{result.best.config.activation}")
+    print(metrics_table({"validation": s.get("validation"), "test": s.get("test")}))
+    written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
+    print(f"run folder: {config.out} ({', '.join(written)}); it is an ordinary run: nnfit predict, evaluate, "
+          "inspect, export and resume take it")
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -306,7 +353,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_train, "resume": cmd_resume, "predict": cmd_predict, "evaluate": cmd_evaluate,
+COMMANDS = {"train": cmd_train, "demo": cmd_train, "sweep": cmd_sweep, "resume": cmd_resume, "predict": cmd_predict, "evaluate": cmd_evaluate,
             "inspect": cmd_inspect, "export": cmd_export}
 
 

@@ -1,0 +1,328 @@
+"""Sweeps: many configurations trained on one set of samples; the best by validation loss is kept.
+
+The samples are built and split once and shared by every configuration, so the configurations differ
+only in what is swept (learning rate, hidden widths and depth, activation). By default the sweep runs
+successive halving: every configuration trains for a short budget, the best third by validation loss
+goes on with three times the budget, and so on until one is left, which trains with the full budget
+of an ordinary run. A 12-configuration sweep then costs about 2.6 full runs of the largest network
+instead of 12 (bench/sweep.py); ``exhaustive=True`` trains every configuration to the end.
+
+The test points are never used to choose: they are reported, not compared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnfit.config import ACTIVATIONS, Config
+from nnfit.errors import NnfitError, TrainingDiverged
+
+ETA = 3  # successive halving keeps the best third of each rung and gives it three times the budget
+SWEPT = ("lr", "hidden", "width", "depth", "activation")
+SWEEP_CSV = "sweep.csv"
+
+
+# Parsing the lists: the CLI's strings and the API's values meet here.
+
+def parse_list(name: str, value) -> list:
+    """One swept option as a list of values: ``"1e-3,3e-3"`` or ``[1e-3, 3e-3]`` for lr; ``"64,64:100,100"``
+    or ``[(64, 64), (100, 100)]`` for hidden; ``"tanh,silu"`` for activation; ``"32,64"`` for width and depth."""
+    flag = "--" + name
+    sep = ":" if name == "hidden" else ","
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(sep)]
+        if not any(items):
+            example = {"hidden": "64,64:100,100", "lr": "1e-3,3e-3", "activation": "tanh,silu"}.get(name, "32,64")
+            raise NnfitError(f"{flag} {value!r} lists no values; give them separated by '{sep}', such as "
+                             f"{flag} {example}")
+        if not all(items):
+            raise NnfitError(f"{flag} {value!r} has an empty value (two '{sep}' in a row, or one at an end); "
+                             f"give the values separated by single '{sep}'")
+    elif name == "hidden" and isinstance(value, (tuple, list)) and value and all(isinstance(v, int) for v in value):
+        items = [value]  # hidden=(64, 64): one shape, not two widths
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+        if not items:
+            raise NnfitError(f"{flag} is an empty list; give at least one value, or leave it out")
+    else:
+        items = [value]
+    values = [_parse_value(name, flag, item) for item in items]
+    for v in values:
+        if values.count(v) > 1:
+            raise NnfitError(f"{flag} lists {_show(name, v)} more than once; give each value once")
+    return values
+
+
+def _parse_value(name: str, flag: str, item):
+    if name == "activation":
+        if item not in ACTIVATIONS:
+            raise NnfitError(f"{flag} lists {item!r}, which is not an activation; choose from "
+                             f"{', '.join(ACTIVATIONS)}")
+        return str(item)
+    if name == "lr":
+        try:
+            lr = float(item)
+        except (TypeError, ValueError):
+            raise NnfitError(f"{flag} lists {item!r}, which is not a number; give learning rates such as "
+                             "1e-3,3e-3") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise NnfitError(f"{flag} lists {item!r}; learning rates must be positive numbers")
+        return lr
+    if name == "hidden":
+        try:
+            widths = tuple(int(w) for w in (item.split(",") if isinstance(item, str) else item))
+        except (TypeError, ValueError):
+            widths = ()
+        if not widths or any(w <= 0 for w in widths):
+            raise NnfitError(f"{flag} lists {item!r}; each network is positive widths separated by ',' and the "
+                             "networks are separated by ':', such as --hidden 64,64:100,100")
+        return widths
+    try:  # width, depth
+        number = int(item)
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0 or (isinstance(item, float) and not item.is_integer()):
+        raise NnfitError(f"{flag} lists {item!r}; give positive integers such as {flag} 32,64")
+    return number
+
+
+def _show(name: str, value) -> str:
+    if name == "hidden":
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def grid(base: Config, lr=None, hidden=None, width=None, depth=None, activation=None) -> list[Config]:
+    """Every combination of the swept values, as the configs of ordinary runs (lr, then network, then activation)."""
+    if hidden is not None and (width is not None or depth is not None):
+        raise NnfitError("--hidden and --width/--depth both give the networks; use --hidden 64,64:100,100, or "
+                         "--width 64,100 --depth 2,3 for every width at every depth")
+    lrs = parse_list("lr", lr) if lr is not None else [base.lr]
+    if hidden is not None:
+        shapes = parse_list("hidden", hidden)
+    elif width is not None or depth is not None:
+        widths = parse_list("width", width) if width is not None else [base.hidden[0]]
+        depths = parse_list("depth", depth) if depth is not None else [len(base.hidden)]
+        shapes = [(w,) * d for d in depths for w in widths]
+    else:
+        shapes = [base.hidden]
+    activations = parse_list("activation", activation) if activation is not None else [base.activation]
+    configs = [base.replace(lr=lr_, hidden=shape, activation=act)
+               for lr_, shape, act in itertools.product(lrs, shapes, activations)]
+    if len(configs) < 2:
+        raise NnfitError("this sweep has one configuration; give two or more values to --lr, --hidden, --width, "
+                         "--depth or --activation (such as --lr 1e-3,3e-3), or train it with nnfit train")
+    return configs
+
+
+# The sweep.
+
+@dataclass
+class Trial:
+    """One configuration of the sweep and how far it got."""
+
+    index: int
+    config: Config
+    rung: int = 0  # the last rung it trained in (0 is the first)
+    fitted: object = None  # the FittedModel of its last rung
+    val_loss: float = math.inf  # best validation loss (standardized units) of its last rung
+    seconds: float = 0.0  # training and evaluation, summed over its rungs
+    diverged: str = ""
+    settled: bool = False  # stopped by a stop rule that a larger budget would not change: no need to train again
+
+    def row(self, winner: bool) -> dict:
+        c, s = self.config, (self.fitted.summary if self.fitted is not None else {})
+        val, test = s.get("validation") or {}, s.get("test") or {}
+        return {"config": self.index + 1, "lr": c.lr, "hidden": ",".join(map(str, c.hidden)),
+                "activation": c.activation, "recipe": s.get("recipe", ""), "rung": self.rung + 1,
+                "epochs": s.get("epochs", 0), "val_loss": self.val_loss, "val_mse": val.get("mse"),
+                "val_r2": val.get("r2"), "test_mse": test.get("mse"),
+                "test_nmse": 1 - test["r2"] if "r2" in test else None, "seconds": round(self.seconds, 3),
+                "selected": winner, "note": self.diverged}
+
+
+@dataclass
+class SweepResult:
+    """What ``nnfit.sweep`` returns: the winner (an ordinary FittedModel) and one row per configuration."""
+
+    best: object
+    rows: list[dict] = field(default_factory=list)
+    rungs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    path: Path | None = None
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def table(self) -> str:
+        """Every configuration, the winner first, then by the rung reached and validation loss."""
+        head = ["", "#", "lr", "hidden", "activation", "rung", "epochs", "val MSE", "test MSE", "test NMSE", "seconds"]
+        lines = []
+        for r in self.rows:
+            lr = "auto" if r["lr"] is None else f"{r['lr']:g}"
+            lines.append(["*" if r["selected"] else "", str(r["config"]), lr, r["hidden"], r["activation"],
+                          str(r["rung"]), str(r["epochs"]), _num(r["val_mse"]), _num(r["test_mse"]),
+                          _num(r["test_nmse"]), f"{r['seconds']:.2f}"])
+        widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "\n".join([fmt(head), "-" * len(fmt(head)), *(fmt(row) for row in lines)])
+
+
+def _num(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3e}"
+
+
+def sweep(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, lr=None, hidden=None,
+          width=None, depth=None, activation=None, exhaustive: bool = False, config: Config | None = None,
+          reporter=None, **settings) -> SweepResult:
+    """Train every combination of the swept values on one shared set of samples; keep the best.
+
+    Args:
+        formula, domain, data, target, inputs: the samples, as for ``nnfit.fit``; built once.
+        lr: learning rates, ``[1e-3, 3e-3]`` or ``"1e-3,3e-3"``.
+        hidden: networks, ``[(64, 64), (100, 100)]`` or ``"64,64:100,100"``; or ``width`` and ``depth``
+            lists, every width at every depth.
+        activation: ``["tanh", "silu"]`` or ``"tanh,silu"``.
+        exhaustive: train every configuration with the full budget instead of successive halving.
+        **settings: any other ``Config`` field, one value for all configurations. ``out`` writes the
+            winner's run folder there, with ``sweep.csv`` beside it.
+
+    Returns:
+        A SweepResult: ``best`` (the winner's FittedModel), ``rows`` (one per configuration, also as
+        ``frame()``), ``table()``. The winner is chosen by validation loss only.
+    """
+    from nnfit import devices
+    from nnfit.data import build_problem, split_indices
+    from nnfit.progress import Reporter
+
+    frame_ = None
+    if data is not None and not isinstance(data, (str, Path)):
+        frame_, data = data, None
+    given = {"formula": formula, "domain": domain, "data": str(data) if data is not None else None,
+             "target": target, "inputs": inputs}
+    values = {k: v for k, v in given.items() if v is not None}
+    config = config.replace(**values, **settings) if config is not None else Config.from_dict({**values, **settings})
+    trials = [Trial(i, c) for i, c in enumerate(grid(config, lr, hidden, width, depth, activation))]
+    _check_settings(config)
+    reporter = reporter or Reporter(quiet=config.quiet, verbose=False)
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        _check_out(out)
+
+    started = time.perf_counter()
+    problem = build_problem(config, frame_)  # once: every configuration learns from the same samples
+    n_train = len(split_indices(len(problem.X), config.val_split, config.seed)[0])
+    budgets = _budgets(len(trials), exhaustive)
+    reporter.log(f"sweep of {len(trials)} configurations on {problem.source}, {len(problem.X)} samples: "
+                 + ("every configuration with the full budget" if exhaustive else
+                    f"successive halving in {len(budgets)} rungs ({' → '.join(str(n) for n, _ in budgets)} "
+                    f"configurations, 1/{ETA ** (len(budgets) - 1)} of the budget first)"))
+    ctx = devices.init_context(config)
+    rungs = []
+    failed = True
+    try:
+        alive = trials
+        for rung, (keep, fraction) in enumerate(budgets):
+            alive = alive[:keep]
+            for trial in alive:
+                _train_trial(trial, rung, fraction, problem, n_train, ctx, reporter)
+            rungs.append({"rung": rung + 1, "configurations": [t.index + 1 for t in alive],
+                          "budget": f"1/{round(1 / fraction)}" if fraction < 1 else "full"})
+            alive = sorted(alive, key=lambda t: t.val_loss)  # validation only: the test points never choose
+        failed = False
+    finally:
+        devices.cleanup_context(ctx, failed)
+    winner = min(alive, key=lambda t: t.val_loss)
+    if not math.isfinite(winner.val_loss):
+        raise NnfitError(f"every configuration of the sweep diverged ({winner.diverged}); try smaller learning "
+                         "rates")
+    ordered = sorted(trials, key=lambda t: (t is not winner, -t.rung, t.val_loss))
+    result = SweepResult(winner.fitted, [t.row(t is winner) for t in ordered], rungs,
+                         time.perf_counter() - started)
+    best = winner.fitted
+    best.summary["sweep"] = {"configurations": len(trials), "selected": winner.index + 1,
+                             "selected_by": "validation loss", "mode": "exhaustive" if exhaustive else
+                             "successive halving", "rungs": rungs, "seconds": round(result.seconds, 3),
+                             "table": SWEEP_CSV, "rows": result.rows}
+    if out is not None:
+        best.config = best.config.replace(out=str(out))
+        best.save(out, plots=config.plots, problem=problem)  # the ordinary run-folder writers
+        from nnfit.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(out / SWEEP_CSV, result.frame().to_csv(index=False).encode())
+        result.path = out
+    return result
+
+
+def _check_settings(config: Config) -> None:
+    if config.devices > 1:
+        raise NnfitError(f"a sweep trains in one process, but --devices {config.devices} was given; sweep with "
+                         "--devices 1, then train the winner's settings with --devices N")
+    if config.resume:
+        raise NnfitError("a sweep cannot be resumed; run it again (its samples are drawn with the same seed)")
+    if config.val_split == 0:
+        raise NnfitError("a sweep chooses by validation loss, but --val-split 0 leaves no validation samples; "
+                         "pass --val-split 0.1 or more")
+
+
+def _check_out(out: Path) -> None:
+    """A sweep writes its winner at the end; refuse a used folder before spending the time."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NnfitError(f"--out {out} already exists and is not an empty folder; a run folder is never "
+                         "overwritten: choose a new --out")
+
+
+def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:
+    """(configurations kept, fraction of the full budget) per rung: 12 -> [(12, 1/27), (4, 1/9), (2, 1/3), (1, 1)]."""
+    if exhaustive:
+        return [(n, 1.0)]
+    keep = [n]
+    while keep[-1] > 1:
+        keep.append(math.ceil(keep[-1] / ETA))
+    return [(k, 1 / ETA ** (len(keep) - 1 - i)) for i, k in enumerate(keep)]
+
+
+def _train_trial(trial: Trial, rung: int, fraction: float, problem, n_train: int, ctx, reporter) -> None:
+    """Train one configuration from the start with ``fraction`` of its full budget (epochs and time)."""
+    from nnfit import api
+    from nnfit.model import MLP
+    from nnfit.progress import Reporter
+    from nnfit.train import choose_recipe
+
+    config = trial.config
+    if trial.settled:
+        trial.rung = rung
+        reporter.log(f"  rung {rung + 1}, #{trial.index + 1}: stopped by itself in rung {rung}, with no schedule "
+                     "tied to the budget; a larger budget gives the same run")
+        return
+    n_params = sum(p.numel() for p in MLP(len(problem.input_names), len(problem.target_names),
+                                          config.hidden, config.activation).parameters())
+    full = choose_recipe(config, n_train, n_params)
+    budget = config.replace(epochs=max(1, math.ceil(full.epochs * fraction)), out=None, plots=False, quiet=True,
+                            verbose=False, tensorboard=False,
+                            time_budget=config.time_budget * fraction if config.time_budget else None)
+    started = time.perf_counter()
+    try:
+        fitted = api._fit(budget, ctx, None, None, Reporter(quiet=True), problem=problem)
+        trial.val_loss = min(row["val_loss"] for row in fitted.history)
+        trial.diverged = ""
+        # Without a schedule the run is the same whatever its epoch budget until it stops; stopped by
+        # patience or convergence, it would stop at the same epoch again.
+        trial.settled = full.schedule == "none" and fitted.summary["stopped"].startswith(("no better", "L-BFGS conv"))
+    except TrainingDiverged as exc:
+        fitted, trial.val_loss, trial.diverged = None, math.inf, " ".join(str(exc).split())
+    trial.seconds += time.perf_counter() - started
+    trial.rung, trial.fitted = rung, fitted
+    if fitted is not None:
+        fitted.config = fitted.config.replace(quiet=config.quiet, plots=config.plots)
+    lr = "auto" if config.lr is None else f"{config.lr:g}"
+    outcome = f"validation loss {trial.val_loss:.3e}" if fitted is not None else "diverged"
+    reporter.log(f"  rung {rung + 1}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
+                 f"{config.activation}, {budget.epochs} epochs: {outcome} ({time.perf_counter() - started:.1f} s)")
