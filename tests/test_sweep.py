@@ -1,0 +1,137 @@
+"""nnfit sweep: every configuration trained on one set of samples, the best by validation loss kept as a run."""
+
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import nnfit
+from nnfit import sweeps
+from nnfit.cli import main
+
+SMALL = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=200, test_samples=500, epochs=4)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A 2 x 2 sweep (networks x activations) written to a run folder once: (result, folder)."""
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    result = nnfit.sweep(**SMALL, hidden="8:16", activation=["tanh", "silu"], out=str(out), quiet=True, plots=False)
+    return result, out
+
+
+def test_table_has_one_row_per_configuration(swept):
+    result, out = swept
+    grid = {(r["hidden"], r["activation"]) for r in result.rows}
+    assert grid == {("8", "tanh"), ("8", "silu"), ("16", "tanh"), ("16", "silu")}
+    assert sum(r["selected"] for r in result.rows) == 1
+    csv = pd.read_csv(out / "sweep.csv")
+    assert len(csv) == 4 and set(csv["config"]) == {1, 2, 3, 4}
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["sweep"]["rows"]) == 4 and summary["sweep"]["selected_by"] == "validation loss"
+    assert all(np.isfinite(r["test_mse"]) and r["seconds"] > 0 and r["epochs"] >= 1 for r in result.rows)
+
+
+def test_winner_has_the_lowest_validation_loss_of_the_last_rung(swept):
+    result, _ = swept
+    last = max(r["rung"] for r in result.rows)
+    finalists = [r for r in result.rows if r["rung"] == last]
+    winner = next(r for r in result.rows if r["selected"])
+    assert winner["rung"] == last
+    assert winner["val_loss"] == min(r["val_loss"] for r in finalists)
+    assert result.best.config.hidden == tuple(int(w) for w in winner["hidden"].split(","))
+    assert result.best.config.activation == winner["activation"]
+
+
+def test_winner_folder_is_an_ordinary_run(swept, capsys):
+    result, out = swept
+    loaded = nnfit.load(out)
+    X = np.linspace(0, 1, 7)
+    assert np.array_equal(loaded.predict(X), result.best.predict(X))
+    assert np.allclose(loaded.predict(X), X ** 2 + X, atol=0.05)
+    assert loaded.config.hidden == result.best.config.hidden
+    assert main(["predict", str(out), "--input", "x=0.5"]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert abs(frame["y_pred"][0] - 0.75) < 0.05
+    assert main(["evaluate", str(out), "--json", "--samples", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["mse"] < 1e-2
+    assert main(["inspect", str(out)]) == 0
+
+
+def test_samples_are_built_once(monkeypatch):
+    from nnfit import data
+
+    calls = []
+    original = data.build_problem
+    monkeypatch.setattr(data, "build_problem", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = nnfit.sweep(**SMALL, lr=[0.5, 1.0], hidden=(8,), quiet=True, exhaustive=True)
+    assert len(calls) == 1
+    assert len(result.rows) == 2 and result.path is None
+
+
+def test_exhaustive_trains_every_configuration_with_the_full_budget():
+    result = nnfit.sweep(**SMALL, hidden="8:8,8", quiet=True, exhaustive=True)
+    assert [r["rung"] for r in result.rows] == [1, 1]
+    assert all("up to 4 epochs" in r["recipe"] for r in result.rows)
+
+
+def test_successive_halving_budgets():
+    assert sweeps._budgets(12, False) == [(12, 1 / 27), (4, 1 / 9), (2, 1 / 3), (1, 1.0)]
+    assert sweeps._budgets(2, False) == [(2, 1 / 3), (1, 1.0)]
+    assert sweeps._budgets(5, True) == [(5, 1.0)]
+
+
+def test_width_and_depth_cross():
+    configs = sweeps.grid(nnfit.Config(), width="8,16", depth="1,2")
+    assert [c.hidden for c in configs] == [(8,), (16,), (8, 8), (16, 16)]
+    configs = sweeps.grid(nnfit.Config(), lr="1e-3,3e-3", hidden=[(8, 8), (16,)], activation="tanh")
+    assert [(c.lr, c.hidden) for c in configs] == [(1e-3, (8, 8)), (1e-3, (16,)), (3e-3, (8, 8)), (3e-3, (16,))]
+
+
+def test_cli_sweep_prints_the_table_and_writes_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["sweep", "--samples", "200", "--test-samples", "200", "--epochs", "3", "--hidden", "8:12",
+                 "--lr", "0.5,1", "--out", str(out), "--no-plots", "--quiet"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "sweep of 4 configurations" in stdout and "winner #" in stdout
+    rows = re.findall(r"^(\*?) +(\d) +(0\.5|1) +(8|12) +tanh ", stdout, re.MULTILINE)
+    assert sorted((lr, hidden) for _, _, lr, hidden in rows) == [("0.5", "12"), ("0.5", "8"), ("1", "12"), ("1", "8")]
+    assert [star for star, *_ in rows] == ["*", "", "", ""]  # the winner first
+    assert (out / "sweep.csv").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--lr", ","], "--lr ',' lists no values"),
+    (["--lr", "1e-3,,3e-3"], "has an empty value"),
+    (["--hidden", "8:"], "has an empty value"),
+    (["--hidden", "8:a"], "positive widths"),
+    (["--lr", "1e-3,fast"], "'fast', which is not a number"),
+    (["--lr", "1e-3,-1"], "learning rates must be positive"),
+    (["--lr", "1e-3,1e-3"], "lists 0.001 more than once"),
+    (["--activation", "tanh,swish"], "'swish', which is not an activation; choose from relu"),
+    (["--lr", "1e-3"], "this sweep has one configuration"),
+    (["--hidden", "8", "--width", "8,16"], "--hidden and --width/--depth both"),
+    (["--depth", "0,1"], "positive integers"),
+    (["--lr", "0.1,1", "--val-split", "0"], "leaves no validation samples"),
+    (["--lr", "0.1,1", "--devices", "2"], "a sweep trains in one process"),
+    (["--lr", "0.1,1", "--epochs", "2,3"], "--epochs must be an integer"),
+])
+def test_bad_sweep_lists_are_one_line_and_exit_2(argv, phrase, tmp_path, capsys):
+    code = main(["sweep", "--samples", "50", "--out", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert phrase in err, err
+    assert err.count("\n") == 1 and err.startswith("nnfit: error:")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_used_folder_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    code = main(["sweep", "--lr", "0.5,1", "--samples", "50", "--out", str(tmp_path / "r")])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
