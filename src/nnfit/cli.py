@@ -27,7 +27,10 @@ class _Parser(argparse.ArgumentParser):
 SWEEP_LISTS = {"lr": ("LR,LR...", "learning rates to try, comma-separated, such as 1e-3,3e-3,1e-2"),
                "hidden": ("W,W:W,W...", "networks to try: hidden widths comma-separated, networks separated by "
                           "':', such as 64,64:100,100"),
-               "activation": ("ACT,ACT...", "activations to try, comma-separated, such as tanh,silu")}
+               "activation": ("ACT,ACT...", "activations to try, comma-separated, such as tanh,silu"),
+               "time_budget": ("SECONDS", "seconds for the whole sweep: each rung of successive halving gets an "
+                               "equal share, split between its configurations; the winner's last run gets what is "
+                               "left")}
 
 
 def _add_config_options(parser: argparse.ArgumentParser, lists=None) -> None:
@@ -185,7 +188,7 @@ def cmd_sweep(args) -> int:
     import nnfit
     from nnfit.report import metrics_table
 
-    swept = {name: vars(args).pop(name) for name in SWEEP_LISTS if hasattr(args, name)}
+    swept = {name: vars(args).pop(name) for name in ("lr", "hidden", "activation") if hasattr(args, name)}
     config = config_from_args(args)
     result = nnfit.sweep(config=config, width=args.width, depth=args.depth, exhaustive=args.exhaustive, **swept)
     print(f"\nsweep of {len(result.rows)} configurations in {result.seconds:.1f} s, chosen by validation loss "

@@ -5,7 +5,8 @@ only in what is swept (learning rate, hidden widths and depth, activation). By d
 successive halving: every configuration trains for a short budget, the best third by validation loss
 goes on with three times the budget, and so on until one is left, which trains with the full budget
 of an ordinary run. A 12-configuration sweep then costs about 2.6 full runs of the largest network
-instead of 12 (bench/sweep.py); ``exhaustive=True`` trains every configuration to the end.
+instead of 12; ``exhaustive=True`` trains every configuration to the end. ``time_budget`` bounds the
+whole sweep's seconds (bench/sweep.py measures both against one default run).
 
 The test points are never used to choose: they are reported, not compared.
 """
@@ -191,7 +192,9 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
             lists, every width at every depth.
         activation: ``["tanh", "silu"]`` or ``"tanh,silu"``.
         exhaustive: train every configuration with the full budget instead of successive halving.
-        **settings: any other ``Config`` field, one value for all configurations. ``out`` writes the
+        **settings: any other ``Config`` field, one value for all configurations. ``time_budget`` is the
+            seconds of the whole sweep: each rung of successive halving gets an equal share, split between
+            its configurations, and the last one (the winner's full run) gets what is left. ``out`` writes the
             winner's run folder there, with ``sweep.csv`` beside it.
 
     Returns:
@@ -231,8 +234,13 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
         alive = trials
         for rung, (keep, fraction) in enumerate(budgets):
             alive = alive[:keep]
+            seconds = None
+            if config.time_budget:  # the sweep's seconds: an equal share per rung, the last one takes what is left
+                left = config.time_budget - (time.perf_counter() - started)
+                share = config.time_budget / len(budgets) / keep
+                seconds = max(left / keep, share) if rung == len(budgets) - 1 else share
             for trial in alive:
-                _train_trial(trial, rung, fraction, problem, n_train, ctx, reporter)
+                _train_trial(trial, rung, fraction, seconds, problem, n_train, ctx, reporter)
             rungs.append({"rung": rung + 1, "configurations": [t.index + 1 for t in alive],
                           "budget": f"1/{round(1 / fraction)}" if fraction < 1 else "full"})
             alive = sorted(alive, key=lambda t: t.val_loss)  # validation only: the test points never choose
@@ -289,8 +297,9 @@ def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:
     return [(k, 1 / ETA ** (len(keep) - 1 - i)) for i, k in enumerate(keep)]
 
 
-def _train_trial(trial: Trial, rung: int, fraction: float, problem, n_train: int, ctx, reporter) -> None:
-    """Train one configuration from the start with ``fraction`` of its full budget (epochs and time)."""
+def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None, problem, n_train: int, ctx,
+                 reporter) -> None:
+    """Train one configuration from the start with ``fraction`` of its full epochs, for at most ``seconds``."""
     from nnfit import api
     from nnfit.model import MLP
     from nnfit.progress import Reporter
@@ -307,7 +316,7 @@ def _train_trial(trial: Trial, rung: int, fraction: float, problem, n_train: int
     full = choose_recipe(config, n_train, n_params)
     budget = config.replace(epochs=max(1, math.ceil(full.epochs * fraction)), out=None, plots=False, quiet=True,
                             verbose=False, tensorboard=False,
-                            time_budget=config.time_budget * fraction if config.time_budget else None)
+                            time_budget=seconds)
     started = time.perf_counter()
     try:
         fitted = api._fit(budget, ctx, None, None, Reporter(quiet=True), problem=problem)
