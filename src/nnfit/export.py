@@ -37,6 +37,15 @@ class Deployable(nn.Module):
         return self.net((x - self.x_mean) / self.x_std) * self.y_std + self.y_mean
 
 
+class EnsembleDeployable(Deployable):
+    """An ensemble's members between the scaling and their mean and standard deviation (Bessel's
+    correction, as ``FittedModel.predict(X, return_std=True)``): two outputs, y and y_std."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        members = super().forward(x)  # (K, batch, targets)
+        return members.mean(dim=0), members.std(dim=0)
+
+
 def export(fitted, format: str, out=None) -> Path:
     """Write ``fitted`` (a FittedModel) as ONNX or TorchScript; returns the file's path.
 
@@ -46,7 +55,8 @@ def export(fitted, format: str, out=None) -> Path:
         out: the file to write (default: ``model.onnx`` or ``model.pt`` in the run folder).
 
     The model takes one float tensor ``x`` of shape (batch, inputs), columns in the order of
-    ``fitted.input_names``, and returns ``y`` of shape (batch, targets), in original units.
+    ``fitted.input_names``, and returns ``y`` of shape (batch, targets), in original units. An ensemble's
+    returns the members' mean ``y`` and their standard deviation ``y_std``, both (batch, targets).
     """
     if format not in FORMATS:
         raise NnfitError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -55,14 +65,18 @@ def export(fitted, format: str, out=None) -> Path:
             raise NnfitError("this model has no run folder; give the file to write: out=... (CLI: --out FILE)")
         out = Path(fitted.path) / f"model{SUFFIXES[format]}"
     dtype = next(fitted.module.parameters()).dtype
-    module = Deployable(copy.deepcopy(fitted.module).to("cpu"), fitted.scaling, dtype).eval()
+    ensemble = getattr(fitted, "members", 1) > 1
+    wrapper = EnsembleDeployable if ensemble else Deployable
+    module = wrapper(copy.deepcopy(fitted.module).to("cpu"), fitted.scaling, dtype).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     example = torch.zeros(2, len(fitted.input_names), dtype=dtype)
     meta = {"nnfit_version": nnfit.__version__, "input_names": list(fitted.input_names),
             "target_names": list(fitted.target_names), "dtype": str(dtype).replace("torch.", ""),
             "input": "x: (batch, inputs), columns in the order of input_names, original units",
-            "output": "y: (batch, targets), in the order of target_names, original units"}
+            "output": "y: (batch, targets), in the order of target_names, original units"
+            + ("; the mean of the ensemble's members, and y_std: (batch, targets), their standard deviation"
+               if ensemble else "")}
     data = _onnx_bytes(module, example, meta) if format == "onnx" else _torchscript_bytes(module, meta)
     atomic_write_bytes(out, data)
     return Path(out)
@@ -80,8 +94,9 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
     with warnings.catch_warnings():
         # The TorchScript-based exporter (dynamo=False) needs no onnxscript; torch marks it deprecated.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=ONNX_OPSET)
+        outputs = ["y", "y_std"] if isinstance(module, EnsembleDeployable) else ["y"]
+        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]}, opset_version=ONNX_OPSET)
     model = onnx.load_from_string(buf.getvalue())
     model.doc_string = (f"nnfit model: inputs {', '.join(meta['input_names'])} -> "
                         f"targets {', '.join(meta['target_names'])}, original units")

@@ -92,6 +92,9 @@ def fit_figure(fitted, problem=None):
             low, high = fitted.config.domain[0][1:]
         else:
             low, high = float(X.min()), float(X.max())
+        ensemble = getattr(fitted, "members", 1) > 1
+        if ensemble:  # reach a little past the data, where the members part ways and the band widens
+            low, high = low - 0.15 * (high - low), high + 0.15 * (high - low)
         grid = torch.linspace(low, high, 500, dtype=torch.float64).reshape(-1, 1)
         learned = fitted.predict_tensor(grid)[:, 0]
         fig, (ax, ax_err) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True, height_ratios=(3, 1.3))
@@ -106,7 +109,11 @@ def fit_figure(fitted, problem=None):
             ax_err.set_ylabel("residual")
         ax_err.axhline(0, color="black", lw=0.6)
         ax_err.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        ax.plot(grid[:, 0], learned, "--", color="tab:red", lw=1.8, label="learned")
+        ax.plot(grid[:, 0], learned, "--", color="tab:red", lw=1.8, label="learned" + (" (mean)" if ensemble else ""))
+        if ensemble:
+            std = fitted.member_predictions(grid)[:, :, 0].std(dim=0)
+            ax.fill_between(grid[:, 0], learned - 2 * std, learned + 2 * std, color="tab:red", alpha=0.2,
+                            label=f"±2σ of {fitted.members} members")
         ax_err.set_xlabel(name)
         ax.set_ylabel(target)
         ax.set_title("fit")
