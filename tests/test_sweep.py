@@ -135,3 +135,11 @@ def test_a_used_folder_is_refused_before_training(tmp_path, capsys):
     code = main(["sweep", "--lr", "0.5,1", "--samples", "50", "--out", str(tmp_path / "r")])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
+
+
+def test_time_budget_is_shared_out_over_the_rungs():
+    result = nnfit.sweep(**SMALL, hidden="8:16:24", quiet=True, time_budget=30)
+    # 3 configurations: rungs of 3 and 1; the first rung's three share a half of the 30 s.
+    assert sweeps._budgets(3, False) == [(3, 1 / 3), (1, 1.0)]
+    assert 0 < result.best.config.time_budget <= 30
+    assert result.best.config.time_budget >= 30 / 2 / 3
