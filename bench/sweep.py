@@ -37,13 +37,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--factor", type=float, default=3.5, help="each sweep's --time-budget, in default runs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for every run (a busy machine: 1)")
     parser.add_argument("--uncapped", action="store_true", help="also time the networks sweep without a budget")
     args = parser.parse_args()
     import torch
 
     import nnfit
 
-    common = dict(formula=FORMULA, domain=DOMAIN, samples=args.samples, device=args.device, quiet=True, plots=False)
+    common = dict(formula=FORMULA, domain=DOMAIN, samples=args.samples, device=args.device, quiet=True, plots=False,
+                  threads=args.threads)
     nnfit.fit(**{**common, "samples": 200, "epochs": 2})  # imports and first-use costs, paid by neither side
     started = time.perf_counter()
     default = nnfit.fit(**common)
@@ -53,7 +55,7 @@ def main() -> None:
     runs += [(f"networks x activations, --time-budget {budget:.0f}", NETWORKS, budget),
              (f"the issue's example (adam, lr x networks x activations), --time-budget {budget:.0f}", ADAM, budget)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device "
-          f"{default.summary['device']}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}\n")
+          f"{default.summary['device']}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}, threads {args.threads or 'nnfit default'}\n")
     print(f"`{FORMULA}` on [-2, 2]⁴, {args.samples} samples; test NMSE on 10,000 fresh points\n")
     print("| run | configurations | wall s | × default | test NMSE | winner | target met |")
     print("|---|---|---|---|---|---|---|")

@@ -25,3 +25,14 @@ def test_spread_metrics_ties_share_ranks():
     members = torch.stack([torch.tensor([[1.0], [1.0], [2.0]]) - 1, torch.tensor([[1.0], [1.0], [2.0]]) + 1])
     m = spread_metrics(members, true)  # |error| 1, 1, 2 with equal std: no relation, not a crash
     assert m["spearman"] == 0.0
+
+
+def test_ensemble_metrics_mean_members_and_median():
+    from nnfit.metrics import ensemble_metrics
+
+    true = torch.zeros(2, 1, dtype=torch.float64)
+    members = torch.tensor([[[1.0], [1.0]], [[-1.0], [-1.0]], [[3.0], [3.0]]], dtype=torch.float64)
+    m = ensemble_metrics(members, true)
+    assert [x["mse"] for x in m["members"]] == [1.0, 1.0, 9.0]
+    assert m["median_member_mse"] == 1.0
+    assert m["mean"]["mse"] == 1.0  # the mean is 1 everywhere

@@ -63,3 +63,14 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a - a.mean(), b - b.mean()
     denom = (a.pow(2).sum() * b.pow(2).sum()).sqrt()
     return torch.where(denom > 0, (a * b).sum() / denom.clamp_min(1e-300), torch.zeros_like(denom))
+
+
+def ensemble_metrics(members: torch.Tensor, true: torch.Tensor) -> dict:
+    """An ensemble's evaluation from its members' predictions (K, n, k): the mean's metrics, each member's,
+    the median member's MSE, and how well the spread tracks the error (``spread_metrics``)."""
+    each = [regression_metrics(m, true) for m in members]
+    mses = sorted(m["mse"] for m in each)
+    k = len(mses)
+    median = mses[k // 2] if k % 2 else (mses[k // 2 - 1] + mses[k // 2]) / 2
+    return {"mean": regression_metrics(members.mean(dim=0), true), "members": each, "median_member_mse": median,
+            "spread": spread_metrics(members, true)}
