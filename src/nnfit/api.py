@@ -17,7 +17,7 @@ from nnfit.config import Config
 from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
-from nnfit.metrics import regression_metrics
+from nnfit.metrics import ensemble_metrics, regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, members, rebuild
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
@@ -116,9 +116,17 @@ class FittedModel:
         return _squeezed(mean), _squeezed(out.std(dim=0).numpy())
 
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
-                 seed: int | None = None) -> dict[str, float]:
+                 seed: int | None = None, members: bool = False) -> dict:
         """Metrics in original units on a table (``data``), on arrays (``X``, ``y``), or for a
-        formula run with neither, on fresh points drawn from the domain."""
+        formula run with neither, on fresh points drawn from the domain.
+
+        With ``members=True`` (ensembles only): ``{"mean": ..., "members": [...], "median_member_mse": ...,
+        "spread": {"spearman", "coverage_2sigma", "mean_std"}}``, the metrics of the members' mean, of each
+        member, and how well their spread tracks the error (``nnfit.metrics.SPREAD_MEANING`` says how to read it).
+        """
+        if members and self.members == 1:
+            raise NnfitError("evaluate(members=True) reports an ensemble's members and their spread, but this "
+                             "model is a single network; train with ensemble=K (K >= 2, CLI: --ensemble K)")
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
@@ -155,6 +163,8 @@ class FittedModel:
         if Y_t.shape[1] != len(self.target_names):
             raise NnfitError(f"got {Y_t.shape[1]} target column(s), but the model predicts "
                              f"{len(self.target_names)} ({', '.join(self.target_names)})")
+        if members:
+            return ensemble_metrics(self.member_predictions(X_t), Y_t)
         return regression_metrics(self.predict_tensor(X_t), Y_t)
 
     def save(self, out, plots: bool = True, problem: Problem | None = None) -> Path:

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="NAME=VALUE[,VALUE...]",
                    help="input values on the command line (repeat per input)")
     p.add_argument("--out", help="write predictions to this file (.csv or .parquet) instead of printing them")
+    p.add_argument("--std", action="store_true", help="require the spread: an ensemble (--ensemble K) always adds "
+                   "<target>_std, the members' standard deviation; with a single network this is an error")
     p.add_argument("--device", default="cpu", help="device to predict on (default: cpu)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -281,10 +283,17 @@ def cmd_predict(args) -> int:
         frame = read_inputs(args.data, model.input_names, allowed_extra=model.target_names)
     else:
         frame = _parse_inputs(args.input, model.input_names)
-    pred = np.asarray(model.predict(frame[list(model.input_names)])).reshape(len(frame), -1)
+    if args.std and model.members == 1:
+        raise NnfitError(f"--std asks for the spread of an ensemble's members, but {args.run} is a single network, "
+                         "so there is no spread to give; train with --ensemble K (K >= 2) for a standard deviation")
+    X = frame[list(model.input_names)]
+    pred, std = model.predict(X, return_std=True) if model.members > 1 else (model.predict(X), None)
+    pred = np.asarray(pred).reshape(len(frame), -1)
     out = frame.copy()
     for i, name in enumerate(model.target_names):
         out[f"{name}_pred"] = pred[:, i]
+        if std is not None:
+            out[f"{name}_std"] = np.asarray(std).reshape(len(frame), -1)[:, i]
     if args.out:
         from nnfit.checkpoint import atomic_write_bytes
 
@@ -327,12 +336,27 @@ def cmd_evaluate(args) -> int:
     from nnfit.report import metrics_table
 
     model = nnfit.load(args.run, device=args.device)
-    metrics = model.evaluate(data=args.data, target=args.target, samples=args.samples, seed=args.seed)
+    ensemble = model.members > 1
+    metrics = model.evaluate(data=args.data, target=args.target, samples=args.samples, seed=args.seed,
+                             members=ensemble)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    else:
-        label = "test" if args.data is None else Path(args.data).name
+        return 0
+    label = "test" if args.data is None else Path(args.data).name
+    if not ensemble:
         print(metrics_table({label: metrics}))
+        return 0
+    from nnfit.metrics import SPREAD_MEANING
+
+    best = min(range(len(metrics["members"])), key=lambda k: metrics["members"][k]["mse"])
+    print(metrics_table({f"{label}: mean": metrics["mean"], f"best member #{best + 1}": metrics["members"][best]}))
+    print(f"\n{len(metrics['members'])} members, MSE each: "
+          + ", ".join(f"{m['mse']:.3e}" for m in metrics["members"])
+          + f"; median {metrics['median_member_mse']:.3e}, the mean's {metrics['mean']['mse']:.3e}")
+    spread = metrics["spread"]
+    print(f"spread on these points: mean std {spread['mean_std']:.3e}; rank correlation of |error| and std "
+          f"(Spearman) {spread['spearman']:.2f}; share within mean ± 2 std {spread['coverage_2sigma']:.1%}")
+    print(SPREAD_MEANING)
     return 0
 
 

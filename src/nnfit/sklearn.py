@@ -41,6 +41,8 @@ class Regressor(RegressorMixin, BaseEstimator):
             (faster, especially on a GPU).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         freeze: Parameter-name patterns to keep frozen (nnfit's ``freeze`` setting).
+        ensemble: K >= 2 trains K networks as one stacked computation; ``predict`` gives their mean and
+            ``predict(X, return_std=True)`` also their standard deviation.
         random_state: An int for reproducible fits, ``None`` for a fresh seed per fit, or a
             ``numpy.random.RandomState``.
         verbose: Print nnfit's training progress.
@@ -57,7 +59,7 @@ class Regressor(RegressorMixin, BaseEstimator):
     def __init__(self, hidden=(100, 100), activation="tanh", optimizer="auto", lr=None, epochs=None,
                  batch_size=None, weight_decay=0.0, schedule="auto", val_split=0.1, patience=None,
                  time_budget=None, grad_clip=None, dtype="float64", device="auto", freeze=None,
-                 random_state=None, verbose=False):
+                 ensemble=1, random_state=None, verbose=False):
         self.hidden = hidden
         self.activation = activation
         self.optimizer = optimizer
@@ -73,6 +75,7 @@ class Regressor(RegressorMixin, BaseEstimator):
         self.dtype = dtype
         self.device = device
         self.freeze = freeze
+        self.ensemble = ensemble
         self.random_state = random_state
         self.verbose = verbose
 
@@ -97,14 +100,25 @@ class Regressor(RegressorMixin, BaseEstimator):
                              f"was fitted with {self.n_outputs_}")
         return self._train(X, y, start=None if first else self.model_)
 
-    def predict(self, X):
-        """Predictions in the units of ``y``: shape (n,) if ``y`` was 1-D, else (n, k)."""
+    def predict(self, X, return_std=False):
+        """Predictions in the units of ``y``: shape (n,) if ``y`` was 1-D, else (n, k).
+
+        With ``return_std=True`` (``ensemble`` >= 2, as ``GaussianProcessRegressor.predict``), returns
+        ``(mean, std)``, std being the members' standard deviation, of the same shape as the mean.
+        """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         import torch
 
-        pred = self.model_.predict_tensor(torch.from_numpy(np.array(X, dtype=np.float64))).numpy()
-        return pred[:, 0] if self._y_1d else pred
+        if return_std and self.model_.members == 1:
+            raise ValueError("return_std=True needs an ensemble, whose members' spread is the std; this "
+                             f"{type(self).__name__} has ensemble={self.ensemble}: set ensemble=K (K >= 2)")
+        members = self.model_.member_predictions(torch.from_numpy(np.array(X, dtype=np.float64)))
+        mean = (members if members.dim() == 2 else members.mean(dim=0)).numpy()
+        shaped = (lambda a: a[:, 0] if self._y_1d else a)  # noqa: E731
+        if not return_std:
+            return shaped(mean)
+        return shaped(mean), shaped(members.std(dim=0).numpy())
 
     def _train(self, X, y, start):
         import pandas as pd
@@ -136,7 +150,7 @@ class Regressor(RegressorMixin, BaseEstimator):
 
         settings = {name: getattr(self, name) for name in (
             "hidden", "activation", "optimizer", "lr", "epochs", "batch_size", "weight_decay", "schedule",
-            "val_split", "patience", "time_budget", "grad_clip", "dtype", "device")}
+            "val_split", "patience", "time_budget", "grad_clip", "dtype", "device", "ensemble")}
         if continuing:
             # One epoch per call by default, as scikit-learn's partial_fit; a one-cycle schedule
             # would warm up again from a low rate on every call.
