@@ -1,0 +1,410 @@
+"""The training step as one CUDA graph: forward, loss, backward, clipping and the optimizer step,
+captured once and replayed per batch.
+
+On a GPU a small network's step is launch-bound: some forty kernels of a few microseconds each, each
+launched by Python. Captured as one ``torch.cuda.CUDAGraph`` the step is one launch, 8-10x faster
+for the tutorial network (issue "On a real GPU", measured by bench/gpu.py). The shapes are static,
+so the graph reads its batch from two static buffers that each step refills with ``copy_``.
+
+What a run can change without a new capture: the learning rate and Adam's betas (the schedule writes
+floats into the optimizer's groups as always; the graph reads device tensors, refilled with ``fill_``
+when the float changed). What makes a new capture: a different batch size or chunking (after an
+out-of-memory halving), a new parameter group (``--unfreeze-at``), a replaced optimizer state (resume,
+rollback). The ragged last batch of an epoch runs as an ordinary eager step.
+
+Where a step cannot be captured it stays eager, and the run says why once: under DDP (its gradient
+hooks and bucket rebuilding are not capture-safe without freezing the set of gradients that reduce;
+one process per GPU keeps the fast path), with ``--precision 16-mixed`` (the gradient scaler decides
+on the host, per step, whether to skip the step), for optimizers other than Adam, AdamW and SGD,
+and with ``--cuda-graph off``.
+
+``torch.compile(mode="reduce-overhead")`` captures graphs too, but its compile time (tens of
+seconds for forward and backward) is longer than a whole fit of a few seconds: not used.
+
+Everything here runs on the CPU as well, through ``EagerGraph``, a stand-in that records the captured
+function and calls it on each replay: the tests prove the plumbing there, and on a GPU
+(marker ``cuda``) that the graph gives the eager step's numbers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+WARMUP_STEPS = 3  # eager steps on a side stream before a capture: lazy state (optimizer, cuBLAS) is made there
+GRAPHED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+class CudaGraph:
+    """One ``torch.cuda.CUDAGraph``: warm-up and capture on a side stream, replay on the current one."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graph = None
+        self.stream = torch.cuda.Stream(device)
+
+    def warm(self, fn):
+        """Run ``fn`` eagerly on the side stream (torch's recipe for whole-network capture)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    def capture(self, fn):
+        """Record ``fn`` (nothing runs); returns its outputs, static tensors that each replay rewrites."""
+        torch.cuda.synchronize(self.device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def reset(self) -> None:
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = None
+
+
+class EagerGraph:
+    """The CPU stand-in for ``CudaGraph``: ``capture`` records the function and runs nothing (as a
+    capture does); ``replay`` calls it and writes its outputs into the static tensors ``capture`` returned."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.fn = None
+        self.out = None
+        self.captures = 0
+        self.replays = 0
+
+    def warm(self, fn):
+        return fn()
+
+    def capture(self, fn):
+        self.fn = fn
+        self.captures += 1
+        self.out = None
+        return _StaticOut(self)
+
+    def replay(self) -> None:
+        self.replays += 1
+        value = self.fn().detach()
+        if self.out is None:
+            self.out = torch.empty_like(value)
+        self.out.copy_(value)
+
+    def reset(self) -> None:
+        self.fn = self.out = None
+
+
+class _StaticOut:
+    """What ``EagerGraph.capture`` returns: resolves to the static output once the first replay ran."""
+
+    def __init__(self, graph: EagerGraph):
+        self.graph = graph
+
+
+def _static(out):
+    return out.graph.out if isinstance(out, _StaticOut) else out
+
+
+def why_eager(optimizer, plan, config) -> str | None:
+    """Why the step of this run cannot be a CUDA graph (None: it can)."""
+    if plan.device.type != "cuda":
+        return "not on CUDA"
+    if getattr(config, "cuda_graph", "auto") == "off":
+        return "--cuda-graph off"
+    if plan.ddp:
+        return ("DDP's gradient all-reduce hooks are not capture-safe without freezing the set of gradients "
+                "that reduce; each DDP worker runs the eager step")
+    if plan.scaler is not None:
+        return "--precision 16-mixed: the gradient scaler decides on the host, each step, whether to skip it"
+    if type(optimizer) not in GRAPHED_OPTIMIZERS:
+        return f"the {type(optimizer).__name__} optimizer is captured only as L-BFGS's closure"
+    return None
+
+
+class GraphedStep:
+    """A training step ``step(xb, yb) -> loss`` replayed from a captured graph.
+
+    ``eager`` is the ordinary step (same signature): it runs the warm-up steps, the ragged last batch
+    and every step where capture failed. The loss returned by a replay is a static tensor that the next
+    step overwrites: use it (add it to a running total) before the next call.
+    """
+
+    def __init__(self, model, optimizer, plan, config, eager, log=print, graph_factory=None):
+        self.model, self.optimizer, self.plan, self.eager = model, optimizer, plan, eager
+        self.grad_clip = config.grad_clip
+        self.log = log
+        self.graph_factory = graph_factory or CudaGraph
+        self.graph = None
+        self.failed: str | None = None  # why capture is impossible in this run (then every step is eager)
+        self.captures: list[dict] = []  # one per capture: rows, micro-batch, seconds
+        self._warm = 0
+        self._shape = None
+        self._hyper: list = []  # per group: [key, value seen last, device tensor(s) the graph reads]
+        self._baked: list = []  # per group: the values a capture fixed, which a schedule must not change
+        self._warmer = None
+        self._rows = 0  # the largest batch seen: smaller ones are ragged last batches, run eagerly
+        self.x = self.y = self.loss = None
+
+    # The loop's side.
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None:
+            return self.eager(xb, yb)
+        shape = (len(xb), self.plan.micro)
+        if len(xb) < self._rows:  # the epoch's last, shorter batch: once per epoch, eager
+            return self.eager(xb, yb)
+        self._rows = len(xb)
+        if self.graph is not None and (shape != self._shape or self._stale()):
+            self.invalidate()
+        if self.graph is None:
+            if self._warm < WARMUP_STEPS:
+                self._warm += 1
+                return self._warm_step(xb, yb)
+            try:
+                self._capture(xb, yb)
+            except RuntimeError as exc:
+                self._give_up(exc)
+                return self.eager(xb, yb)
+        self.x.copy_(xb, non_blocking=True)
+        self.y.copy_(yb, non_blocking=True)
+        if self._refill():
+            return self.eager(xb, yb)
+        self.graph.replay()
+        return _static(self.loss)
+
+    def invalidate(self) -> None:
+        """Forget the graph: the next steps warm up and capture again (new trainable set, batch or state)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self._warm, self._shape, self._hyper, self._baked = None, 0, None, [], []
+        self.x = self.y = self.loss = None
+
+    # Capture.
+
+    def _body(self):
+        """One training step on the static buffers: what the graph records."""
+        X, Y, plan = self.x, self.y, self.plan
+        # Python only, no kernel: the backward below then writes fresh gradients (in a graph: the same
+        # buffers on every replay) instead of adding to old ones.
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(X)
+        size = plan.micro or n
+        total = None
+        for i in range(0, n, size):  # after an out-of-memory halving: chunks, gradients accumulated
+            xb, yb = X[i:i + size], Y[i:i + size]
+            # cache_enabled=False: autocast's cache of casted weights must not outlive a capture.
+            with torch.autocast(plan.device.type, dtype=plan.amp, enabled=plan.amp is not None,
+                                cache_enabled=False):
+                out = self.model(xb)
+            loss = F.mse_loss(out.to(yb.dtype), yb)
+            if size < n:
+                loss = loss * (len(xb) / n)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip, foreach=True)
+        self.optimizer.step()
+        return total
+
+    def _captured(self):
+        """The body with the device tensors in the optimizer's groups: Python only, so in a CUDA graph
+        the swap costs nothing at replay, and the CPU stand-in replays it as the graph would read it."""
+        floats = self._swap_in()
+        try:
+            return self._body()
+        finally:
+            self._swap_out(floats)
+
+    def _warm_step(self, xb, yb):
+        """A real training step, eager, on a side stream: the steps before a capture."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._warmer is None:
+            self._warmer = self.graph_factory(self.plan.device)
+        self.x, self.y = xb, yb
+        try:
+            return self._warmer.warm(self._body)
+        finally:
+            self.x = self.y = None
+
+    def _capture(self, xb, yb) -> None:
+        started = time.perf_counter()
+        self.x, self.y = torch.empty_like(xb), torch.empty_like(yb)
+        self._hyper = self._device_hyper()
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it rewrites
+        graph = self.graph_factory(self.plan.device)
+        try:
+            out = graph.capture(self._captured)
+        except RuntimeError:
+            self.optimizer.zero_grad(set_to_none=True)
+            graph.reset()
+            self.invalidate()
+            raise
+        self.graph, self._shape = graph, (len(xb), self.plan.micro)
+        self._state = self.optimizer.state
+        self._groups = len(self.optimizer.param_groups)
+        self.loss = out
+        seconds = time.perf_counter() - started
+        self.captures.append({"rows": len(xb), "micro": self.plan.micro, "seconds": seconds})
+        micro = f" in chunks of {self.plan.micro}" if self.plan.micro else ""
+        self.log(f"training step captured as a CUDA graph (batch {len(xb)}{micro}) in {seconds * 1000:.0f} ms")
+
+    def _give_up(self, exc: BaseException) -> None:
+        from nnfit import devices
+
+        if devices.is_out_of_memory(exc):  # the loop halves the batch; the next call captures at the new size
+            raise exc
+        self.failed = f"capture failed: {str(exc).splitlines()[0][:200]}"
+        self.log(f"training step: eager, not a CUDA graph ({self.failed})")
+
+    # What changes between replays.
+
+    def _adam(self) -> bool:
+        return isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+    def _device_hyper(self) -> list:
+        """Per group, what a schedule changes, as device tensors the graph reads: the learning rate, and
+        Adam's beta1 (OneCycleLR cycles it). Everything else is fixed by the capture (``_baked``)."""
+        device = self.plan.device
+        hyper, baked = [], []
+        for group in self.optimizer.param_groups:
+            entry = [["lr", float(group["lr"]), torch.tensor(float(group["lr"]), device=device)]]
+            fixed = {"weight_decay": group.get("weight_decay")}
+            if self._adam():
+                beta1, beta2 = group["betas"]
+                entry.append(["beta1", float(beta1), torch.tensor(float(beta1), device=device)])
+                fixed["beta2"] = beta2
+            else:
+                fixed["momentum"] = group.get("momentum")
+            hyper.append(entry)
+            baked.append(fixed)
+        self._baked = baked
+        return hyper
+
+    def _swap_in(self) -> list:
+        """For the capture only: the groups hold the device tensors, and on CUDA the flags of the
+        capture-safe implementations (Adam: foreach + capturable, which reads lr and beta1 from tensors;
+        SGD: fused, which reads lr from a tensor). Returns what ``_swap_out`` puts back."""
+        saved = []
+        for group, entry in zip(self.optimizer.param_groups, self._hyper):
+            keep = {k: group[k] for k in ("lr", "betas", "capturable", "foreach", "fused") if k in group}
+            saved.append(keep)
+            group["lr"] = entry[0][2]
+            if self._adam():
+                group["betas"] = (entry[1][2], group["betas"][1])
+            if self.plan.device.type == "cuda":
+                if self._adam():
+                    group.update(capturable=True, foreach=True, fused=False)
+                else:
+                    group.update(fused=True, foreach=False)
+        if self.plan.device.type == "cuda" and self._adam():
+            set_capturable(self.optimizer, True)  # the step counts move to the device, where capture needs them
+        return saved
+
+    def _swap_out(self, saved: list) -> None:
+        for group, values in zip(self.optimizer.param_groups, saved):
+            group.update(values)
+
+    def _refill(self) -> bool:
+        """Write a changed learning rate (or beta1) into the tensor the graph reads: a fill_, no sync.
+        True when a value the capture fixed has changed: the step then stays eager for the run."""
+        for group, entry, fixed in zip(self.optimizer.param_groups, self._hyper, self._baked):
+            lr = entry[0]
+            if group["lr"] != lr[1]:
+                lr[2].fill_(group["lr"])
+                lr[1] = group["lr"]
+            if len(entry) > 1:
+                beta = entry[1]
+                beta1, beta2 = group["betas"]
+                if beta1 != beta[1]:
+                    beta[2].fill_(beta1)
+                    beta[1] = beta1
+                if beta2 != fixed["beta2"]:
+                    return self._fixed_changed("Adam's beta2")
+            elif group.get("momentum") != fixed["momentum"]:
+                return self._fixed_changed("SGD's momentum")
+            if group.get("weight_decay") != fixed["weight_decay"]:
+                return self._fixed_changed("the weight decay")
+        return False
+
+    def _fixed_changed(self, what: str) -> bool:
+        self.failed = f"the schedule changes {what}, which a captured step holds fixed"
+        self.log(f"training step: eager from here on, not a CUDA graph ({self.failed})")
+        self.invalidate()
+        return True
+
+    def _stale(self) -> bool:
+        """The optimizer's state was replaced (a resume or rollback loaded it) or a group was added."""
+        return self.optimizer.state is not self._state or len(self.optimizer.param_groups) != self._groups
+
+    def _eager_keeping_grads(self, xb, yb):
+        """An eager step beside a live graph (the ragged last batch)."""
+        return self.eager(xb, yb)
+
+    def _params(self) -> list:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def set_capturable(optimizer, on: bool) -> None:
+    """Make an optimizer capturable on CUDA (or not), keeping its state consistent: Adam's step count
+    lives on the parameter's device when capturable or fused, on the CPU otherwise."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            continue
+        group["capturable"] = on
+        keep_on_device = on or group.get("fused")
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                device = p.device if keep_on_device else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
+class GraphedClosure:
+    """L-BFGS's closure as a CUDA graph: forward, loss and backward over the whole (static) training
+    set, the same shapes on every call. ``closure()`` replays it and returns the static loss tensor;
+    the gradients are the graph's, in ``.grad``, where L-BFGS reads them."""
+
+    def __init__(self, model, X, Y, grad_clip, params, device, log=print, graph_factory=None):
+        self.model, self.X, self.Y, self.grad_clip = model, X, Y, grad_clip
+        self.params = list(params)
+        self.device = device
+        self.log = log
+        self.graph_factory = graph_factory or CudaGraph
+        self.graph = None
+        self.loss = None
+        self.key = self._key()
+
+    def _key(self):
+        return (self.X.data_ptr(), len(self.X), tuple((id(p), p.requires_grad) for p in self.params))
+
+    def matches(self, X, params) -> bool:
+        return self.X is X and [id(p) for p in params] == [id(p) for p in self.params] and self._key() == self.key
+
+    def _body(self):
+        for p in self.params:  # Python only: the backward writes fresh gradients
+            p.grad = None
+        loss = F.mse_loss(self.model(self.X), self.Y)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        return loss.detach()
+
+    def capture(self, zero_grad) -> None:
+        started = time.perf_counter()
+        graph = self.graph_factory(self.device)
+        zero_grad()
+        graph.warm(self._body)  # no parameter moves: a warm-up computes a loss and gradients, no step
+        zero_grad()
+        out = graph.capture(self._body)
+        self.graph, self.loss = graph, out
+        seconds = time.perf_counter() - started
+        self.log(f"L-BFGS closure captured as a CUDA graph ({len(self.X)} rows) in {seconds * 1000:.0f} ms")
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return _static(self.loss)
