@@ -50,14 +50,13 @@ def _pair(kind="adam", device="cpu", seed=0, **opt):
     for _ in range(2):
         torch.manual_seed(seed)
         model = MLP(2, 1, (16, 16), "tanh").to(device)
-        if kind == "sgd":
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=device != "cpu", **opt)
+        if kind == "sgd":  # the optimizers as train.make_optimizer makes them
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=True,
+                                        **opt)
         else:
             cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-            # On the CPU, tensor hyperparameters need the single-tensor implementation (foreach=False);
-            # on CUDA the run's own fused optimizer is used and the capture switches to capturable foreach.
-            extra = dict(foreach=False) if device == "cpu" else dict(fused=True)
-            optimizer = cls(model.parameters(), lr=3e-3, weight_decay=1e-3 if kind == "adamw" else 0, **extra, **opt)
+            optimizer = cls(model.parameters(), lr=3e-3, weight_decay=1e-2 if kind == "adamw" else 1e-4, fused=True,
+                            **opt)
         out.append((model, optimizer))
     return out
 
@@ -143,9 +142,9 @@ def test_buffers_are_refilled_for_each_batch():
                                graph_factory=graphed.EagerGraph)
     body = step._body
 
-    def watching():
+    def watching(update):
         seen.append(step.x.clone())
-        return body()
+        return body(update)
     step._body = watching
     X, Y = _data()
     batches = _batches(X[:96], Y[:96], 16)
@@ -262,16 +261,12 @@ def test_why_eager_names_each_reason():
     assert "L-BFGS" in graphed.why_eager(lbfgs, gpu, config)
 
 
-def test_set_capturable_keeps_adams_step_count_where_each_implementation_wants_it():
-    model, opt = _pair()[0]
-    X, Y = _data(16)
-    F.mse_loss(model(X), Y).backward()
-    opt.step()
-    steps = [s["step"] for s in opt.state.values()]
-    assert all(t.device.type == "cpu" for t in steps)
-    graphed.set_capturable(opt, False)
-    assert all(g["capturable"] is False for g in opt.param_groups)
-    assert all(float(s["step"]) == 1.0 for s in opt.state.values())
+def test_an_optimizer_setting_outside_the_captured_update_keeps_the_step_eager():
+    model = MLP(2, 1, (8,), "tanh")
+    gpu = _plan("cuda")
+    assert "amsgrad" in graphed.why_eager(torch.optim.Adam(model.parameters(), amsgrad=True), gpu, _config())
+    assert "nesterov" in graphed.why_eager(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+                                           gpu, _config())
 
 
 def test_the_lbfgs_closure_replays_the_eager_closures_loss_and_gradients():

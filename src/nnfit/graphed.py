@@ -123,15 +123,27 @@ def why_eager(optimizer, plan, config) -> str | None:
         return "--precision 16-mixed: the gradient scaler decides on the host, each step, whether to skip it"
     if type(optimizer) not in GRAPHED_OPTIMIZERS:
         return f"the {type(optimizer).__name__} optimizer is captured only as L-BFGS's closure"
+    unusual = [k for k in ("amsgrad", "maximize", "nesterov") if any(g.get(k) for g in optimizer.param_groups)]
+    if unusual:
+        return f"the optimizer's {', '.join(unusual)} is not part of the captured update"
     return None
 
 
 class GraphedStep:
     """A training step ``step(xb, yb) -> loss`` replayed from a captured graph.
 
-    ``eager`` is the ordinary step (same signature): it runs the warm-up steps, the ragged last batch
-    and every step where capture failed. The loss returned by a replay is a static tensor that the next
-    step overwrites: use it (add it to a running total) before the next call.
+    The first steps after a (re)start run eagerly on a side stream (torch's recipe before a capture: the
+    optimizer makes its state there); then one step is captured and every full batch replays it.
+    ``eager`` is the ordinary step (same signature): it runs the ragged last batch, and every step once
+    capture has failed. The loss a replay returns is a static tensor that the next step overwrites: use
+    it (add it to a running total) before the next call.
+
+    The captured update is Adam's, AdamW's or SGD's, written here over the optimizer's own state tensors
+    (``exp_avg``, ``exp_avg_sq``, ``step``; ``momentum_buffer``), so that the learning rate and Adam's
+    beta1 can be device tensors: torch's capturable Adam reads a tensor beta1 back to the host
+    (``_foreach_pow(beta1, steps)`` takes a number), which a capture forbids, and one-cycle changes
+    beta1 at every step. The math is torch's (the CPU tests compare the two step by step), and the state
+    stays torch's, so a checkpoint, a resume and every eager step see an ordinary optimizer.
     """
 
     def __init__(self, model, optimizer, plan, config, eager, log=print, graph_factory=None):
@@ -144,10 +156,11 @@ class GraphedStep:
         self.captures: list[dict] = []  # one per capture: rows, micro-batch, seconds
         self._warm = 0
         self._shape = None
-        self._hyper: list = []  # per group: [key, value seen last, device tensor(s) the graph reads]
-        self._baked: list = []  # per group: the values a capture fixed, which a schedule must not change
+        self._hyper: list = []  # per group: [lr seen last, lr tensor, beta1 seen last, beta1 tensor]
+        self._baked: list = []  # per group: what the capture fixed, which a schedule must not change
         self._warmer = None
         self._rows = 0  # the largest batch seen: smaller ones are ragged last batches, run eagerly
+        self._state = self._groups = None
         self.x = self.y = self.loss = None
 
     # The loop's side.
@@ -155,11 +168,10 @@ class GraphedStep:
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         if self.failed is not None:
             return self.eager(xb, yb)
-        shape = (len(xb), self.plan.micro)
         if len(xb) < self._rows:  # the epoch's last, shorter batch: once per epoch, eager
             return self.eager(xb, yb)
         self._rows = len(xb)
-        if self.graph is not None and (shape != self._shape or self._stale()):
+        if self.graph is not None and ((len(xb), self.plan.micro) != self._shape or self._stale()):
             self.invalidate()
         if self.graph is None:
             if self._warm < WARMUP_STEPS:
@@ -170,10 +182,10 @@ class GraphedStep:
             except RuntimeError as exc:
                 self._give_up(exc)
                 return self.eager(xb, yb)
-        self.x.copy_(xb, non_blocking=True)
-        self.y.copy_(yb, non_blocking=True)
         if self._refill():
             return self.eager(xb, yb)
+        self.x.copy_(xb, non_blocking=True)
+        self.y.copy_(yb, non_blocking=True)
         self.graph.replay()
         return _static(self.loss)
 
@@ -184,13 +196,13 @@ class GraphedStep:
         self.graph, self._warm, self._shape, self._hyper, self._baked = None, 0, None, [], []
         self.x = self.y = self.loss = None
 
-    # Capture.
+    # One step.
 
-    def _body(self):
-        """One training step on the static buffers: what the graph records."""
+    def _body(self, update):
+        """One training step on ``self.x, self.y``: forward, loss, backward, clipping, ``update``."""
         X, Y, plan = self.x, self.y, self.plan
-        # Python only, no kernel: the backward below then writes fresh gradients (in a graph: the same
-        # buffers on every replay) instead of adding to old ones.
+        # Python only, no kernel: the backward below then writes fresh gradients (in a graph: into the
+        # same buffers on every replay) instead of adding to old ones.
         self.optimizer.zero_grad(set_to_none=True)
         n = len(X)
         size = plan.micro or n
@@ -208,46 +220,33 @@ class GraphedStep:
             total = loss.detach() if total is None else total + loss.detach()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip, foreach=True)
-        self.optimizer.step()
+        update()
         return total
 
-    def _captured(self):
-        """The body with the device tensors in the optimizer's groups: Python only, so in a CUDA graph
-        the swap costs nothing at replay, and the CPU stand-in replays it as the graph would read it."""
-        floats = self._swap_in()
-        try:
-            return self._body()
-        finally:
-            self._swap_out(floats)
-
     def _warm_step(self, xb, yb):
-        """A real training step, eager, on a side stream: the steps before a capture."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """A real training step, eager, on a side stream, with the optimizer's own step()."""
         if self._warmer is None:
             self._warmer = self.graph_factory(self.plan.device)
         self.x, self.y = xb, yb
         try:
-            return self._warmer.warm(self._body)
+            return self._warmer.warm(lambda: self._body(self.optimizer.step))
         finally:
             self.x = self.y = None
 
     def _capture(self, xb, yb) -> None:
         started = time.perf_counter()
         self.x, self.y = torch.empty_like(xb), torch.empty_like(yb)
-        self._hyper = self._device_hyper()
-        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it rewrites
+        self._prepare()
         graph = self.graph_factory(self.plan.device)
         try:
-            out = graph.capture(self._captured)
+            out = graph.capture(lambda: self._body(self._update))
         except RuntimeError:
             self.optimizer.zero_grad(set_to_none=True)
             graph.reset()
             self.invalidate()
             raise
-        self.graph, self._shape = graph, (len(xb), self.plan.micro)
-        self._state = self.optimizer.state
-        self._groups = len(self.optimizer.param_groups)
-        self.loss = out
+        self.graph, self._shape, self.loss = graph, (len(xb), self.plan.micro), out
+        self._state, self._groups = self.optimizer.state, len(self.optimizer.param_groups)
         seconds = time.perf_counter() - started
         self.captures.append({"rows": len(xb), "micro": self.plan.micro, "seconds": seconds})
         micro = f" in chunks of {self.plan.micro}" if self.plan.micro else ""
@@ -261,73 +260,92 @@ class GraphedStep:
         self.failed = f"capture failed: {str(exc).splitlines()[0][:200]}"
         self.log(f"training step: eager, not a CUDA graph ({self.failed})")
 
-    # What changes between replays.
+    # The update the graph runs.
 
     def _adam(self) -> bool:
         return isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
-    def _device_hyper(self) -> list:
-        """Per group, what a schedule changes, as device tensors the graph reads: the learning rate, and
-        Adam's beta1 (OneCycleLR cycles it). Everything else is fixed by the capture (``_baked``)."""
-        device = self.plan.device
-        hyper, baked = [], []
+    def _prepare(self) -> None:
+        """Before a capture: the device tensors the graph reads for what a schedule changes (the learning
+        rate, Adam's beta1), what it holds fixed, and Adam's step counts on the device."""
+        device, hyper, baked = self.plan.device, [], []
         for group in self.optimizer.param_groups:
-            entry = [["lr", float(group["lr"]), torch.tensor(float(group["lr"]), device=device)]]
-            fixed = {"weight_decay": group.get("weight_decay")}
+            lr = float(group["lr"])
+            entry = [lr, torch.tensor(lr, device=device)]
+            fixed = {"weight_decay": group.get("weight_decay", 0.0)}
             if self._adam():
-                beta1, beta2 = group["betas"]
-                entry.append(["beta1", float(beta1), torch.tensor(float(beta1), device=device)])
-                fixed["beta2"] = beta2
+                beta1, beta2 = (float(b) for b in group["betas"])
+                entry += [beta1, torch.tensor(beta1, device=device)]
+                fixed.update(beta2=beta2, eps=group["eps"], decoupled=isinstance(self.optimizer, torch.optim.AdamW)
+                             or bool(group.get("decoupled_weight_decay")))
             else:
-                fixed["momentum"] = group.get("momentum")
+                fixed.update(momentum=group.get("momentum", 0.0), dampening=group.get("dampening", 0.0))
             hyper.append(entry)
             baked.append(fixed)
-        self._baked = baked
-        return hyper
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state and torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        self._hyper, self._baked = hyper, baked
 
-    def _swap_in(self) -> list:
-        """For the capture only: the groups hold the device tensors, and on CUDA the flags of the
-        capture-safe implementations (Adam: foreach + capturable, which reads lr and beta1 from tensors;
-        SGD: fused, which reads lr from a tensor). Returns what ``_swap_out`` puts back."""
-        saved = []
-        for group, entry in zip(self.optimizer.param_groups, self._hyper):
-            keep = {k: group[k] for k in ("lr", "betas", "capturable", "foreach", "fused") if k in group}
-            saved.append(keep)
-            group["lr"] = entry[0][2]
+    @torch.no_grad()
+    def _update(self) -> None:
+        """Adam/AdamW or SGD, as torch computes it, with the learning rate and beta1 read from tensors:
+        foreach kernels whose scalars are tensors or constants, no value read back to the host."""
+        for group, (_, lr, *beta), fixed in zip(self.optimizer.param_groups, self._hyper, self._baked):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            state = [self.optimizer.state[p] for p in params]
+            wd = fixed["weight_decay"]
             if self._adam():
-                group["betas"] = (entry[1][2], group["betas"][1])
-            if self.plan.device.type == "cuda":
-                if self._adam():
-                    group.update(capturable=True, foreach=True, fused=False)
-                else:
-                    group.update(fused=True, foreach=False)
-        if self.plan.device.type == "cuda" and self._adam():
-            set_capturable(self.optimizer, True)  # the step counts move to the device, where capture needs them
-        return saved
-
-    def _swap_out(self, saved: list) -> None:
-        for group, values in zip(self.optimizer.param_groups, saved):
-            group.update(values)
+                beta1, beta2 = beta[1], fixed["beta2"]
+                m, v, steps = ([s[k] for s in state] for k in ("exp_avg", "exp_avg_sq", "step"))
+                torch._foreach_add_(steps, 1.0)
+                if wd and fixed["decoupled"]:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                elif wd:
+                    grads = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(m, beta1)  # m = beta1 m + (1 - beta1) g: torch's lerp, in tensor scalars
+                torch._foreach_add_(m, torch._foreach_mul(grads, 1 - beta1))
+                torch._foreach_mul_(v, beta2)
+                torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+                step = steps[0]  # the group's parameters step together
+                step_size = lr / (1 - beta1 ** step)
+                denom = torch._foreach_sqrt(v)
+                torch._foreach_div_(denom, (1 - beta2 ** step).sqrt())
+                torch._foreach_add_(denom, fixed["eps"])
+                update = torch._foreach_div(m, denom)
+                torch._foreach_mul_(update, step_size)
+                torch._foreach_sub_(params, update)
+            else:
+                if wd:
+                    grads = torch._foreach_add(grads, params, alpha=wd)
+                if fixed["momentum"]:
+                    bufs = [s["momentum_buffer"] for s in state]
+                    torch._foreach_mul_(bufs, fixed["momentum"])
+                    torch._foreach_add_(bufs, grads, alpha=1 - fixed["dampening"])
+                    grads = bufs
+                torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
 
     def _refill(self) -> bool:
         """Write a changed learning rate (or beta1) into the tensor the graph reads: a fill_, no sync.
         True when a value the capture fixed has changed: the step then stays eager for the run."""
         for group, entry, fixed in zip(self.optimizer.param_groups, self._hyper, self._baked):
-            lr = entry[0]
-            if group["lr"] != lr[1]:
-                lr[2].fill_(group["lr"])
-                lr[1] = group["lr"]
-            if len(entry) > 1:
-                beta = entry[1]
+            if group["lr"] != entry[0]:
+                entry[1].fill_(group["lr"])
+                entry[0] = group["lr"]
+            if len(entry) > 2:
                 beta1, beta2 = group["betas"]
-                if beta1 != beta[1]:
-                    beta[2].fill_(beta1)
-                    beta[1] = beta1
+                if beta1 != entry[2]:
+                    entry[3].fill_(beta1)
+                    entry[2] = beta1
                 if beta2 != fixed["beta2"]:
                     return self._fixed_changed("Adam's beta2")
-            elif group.get("momentum") != fixed["momentum"]:
+            elif group.get("momentum", 0.0) != fixed["momentum"]:
                 return self._fixed_changed("SGD's momentum")
-            if group.get("weight_decay") != fixed["weight_decay"]:
+            if group.get("weight_decay", 0.0) != fixed["weight_decay"]:
                 return self._fixed_changed("the weight decay")
         return False
 
@@ -341,27 +359,8 @@ class GraphedStep:
         """The optimizer's state was replaced (a resume or rollback loaded it) or a group was added."""
         return self.optimizer.state is not self._state or len(self.optimizer.param_groups) != self._groups
 
-    def _eager_keeping_grads(self, xb, yb):
-        """An eager step beside a live graph (the ragged last batch)."""
-        return self.eager(xb, yb)
-
     def _params(self) -> list:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-
-def set_capturable(optimizer, on: bool) -> None:
-    """Make an optimizer capturable on CUDA (or not), keeping its state consistent: Adam's step count
-    lives on the parameter's device when capturable or fused, on the CPU otherwise."""
-    for group in optimizer.param_groups:
-        if "capturable" not in group:
-            continue
-        group["capturable"] = on
-        keep_on_device = on or group.get("fused")
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                device = p.device if keep_on_device else torch.device("cpu")
-                state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 class GraphedClosure:
