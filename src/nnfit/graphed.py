@@ -168,22 +168,24 @@ class GraphedStep:
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         if self.failed is not None:
             return self.eager(xb, yb)
-        if len(xb) < self._rows:  # the epoch's last, shorter batch: once per epoch, eager
+        ragged = len(xb) < self._rows  # the epoch's last, shorter batch: once per epoch, not replayed
+        if not ragged:
+            self._rows = len(xb)
+            if self.graph is not None and ((len(xb), self.plan.micro) != self._shape or self._stale()):
+                self.invalidate()
+        if not self._hyper:
+            self._prepare()
+        elif self._refill():
             return self.eager(xb, yb)
-        self._rows = len(xb)
-        if self.graph is not None and ((len(xb), self.plan.micro) != self._shape or self._stale()):
-            self.invalidate()
+        if ragged or (self.graph is None and self._warm < WARMUP_STEPS):
+            self._warm += not ragged
+            return self._unreplayed(xb, yb, side_stream=not ragged)
         if self.graph is None:
-            if self._warm < WARMUP_STEPS:
-                self._warm += 1
-                return self._warm_step(xb, yb)
             try:
                 self._capture(xb, yb)
             except RuntimeError as exc:
                 self._give_up(exc)
                 return self.eager(xb, yb)
-        if self._refill():
-            return self.eager(xb, yb)
         self.x.copy_(xb, non_blocking=True)
         self.y.copy_(yb, non_blocking=True)
         self.graph.replay()
@@ -198,9 +200,9 @@ class GraphedStep:
 
     # One step.
 
-    def _body(self, update):
-        """One training step on ``self.x, self.y``: forward, loss, backward, clipping, ``update``."""
-        X, Y, plan = self.x, self.y, self.plan
+    def _body(self, X, Y, update):
+        """One training step on X, Y: forward, loss, backward, clipping, ``update``."""
+        plan = self.plan
         # Python only, no kernel: the backward below then writes fresh gradients (in a graph: into the
         # same buffers on every replay) instead of adding to old ones.
         self.optimizer.zero_grad(set_to_none=True)
@@ -223,23 +225,21 @@ class GraphedStep:
         update()
         return total
 
-    def _warm_step(self, xb, yb):
-        """A real training step, eager, on a side stream, with the optimizer's own step()."""
+    def _unreplayed(self, xb, yb, side_stream: bool):
+        """A step run eagerly with the graph's own math (so that a run's numbers do not depend on where a
+        capture happened, or a resume restarted it): the warm-up steps before a capture, on a side stream
+        as torch's recipe asks, and the ragged last batch."""
         if self._warmer is None:
             self._warmer = self.graph_factory(self.plan.device)
-        self.x, self.y = xb, yb
-        try:
-            return self._warmer.warm(lambda: self._body(self.optimizer.step))
-        finally:
-            self.x = self.y = None
+        body = lambda: self._body(xb, yb, self._update)  # noqa: E731
+        return self._warmer.warm(body) if side_stream else body()
 
     def _capture(self, xb, yb) -> None:
         started = time.perf_counter()
         self.x, self.y = torch.empty_like(xb), torch.empty_like(yb)
-        self._prepare()
         graph = self.graph_factory(self.plan.device)
         try:
-            out = graph.capture(lambda: self._body(self._update))
+            out = graph.capture(lambda: self._body(self.x, self.y, self._update))
         except RuntimeError:
             self.optimizer.zero_grad(set_to_none=True)
             graph.reset()
@@ -297,7 +297,7 @@ class GraphedStep:
             if not params:
                 continue
             grads = [p.grad for p in params]
-            state = [self.optimizer.state[p] for p in params]
+            state = [self._state_of(p) for p in params]
             wd = fixed["weight_decay"]
             if self._adam():
                 beta1, beta2 = beta[1], fixed["beta2"]
@@ -323,11 +323,25 @@ class GraphedStep:
                 if wd:
                     grads = torch._foreach_add(grads, params, alpha=wd)
                 if fixed["momentum"]:
-                    bufs = [s["momentum_buffer"] for s in state]
-                    torch._foreach_mul_(bufs, fixed["momentum"])
-                    torch._foreach_add_(bufs, grads, alpha=1 - fixed["dampening"])
-                    grads = bufs
+                    if any(s.get("momentum_buffer") is None for s in state):  # the first step: torch's clone
+                        for st, g in zip(state, grads):
+                            st["momentum_buffer"] = g.detach().clone()
+                    else:
+                        bufs = [st["momentum_buffer"] for st in state]
+                        torch._foreach_mul_(bufs, fixed["momentum"])
+                        torch._foreach_add_(bufs, grads, alpha=1 - fixed["dampening"])
+                    grads = [st["momentum_buffer"] for st in state]
                 torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+
+    def _state_of(self, p) -> dict:
+        """The optimizer's state of ``p``, made as torch makes it on a first step (outside any capture:
+        the warm-up steps come first)."""
+        state = self.optimizer.state[p]
+        if self._adam() and not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     def _refill(self) -> bool:
         """Write a changed learning rate (or beta1) into the tensor the graph reads: a fill_, no sync.
