@@ -79,34 +79,106 @@ def choose_recipe(config, n_train: int, n_params: int) -> Recipe:
 
 
 def make_optimizer(params, recipe: Recipe, config) -> torch.optim.Optimizer:
-    """The optimizer gets trainable parameters only: a list of them, or parameter groups (--lr-for)."""
-    params = [p for p in params if isinstance(p, dict) or p.requires_grad]
+    """The optimizer gets trainable parameters only: a list of them, or parameter groups (--lr-for).
+
+    Each group carries ``base_lr``, its configured (peak) rate, which ``Schedule.apply`` multiplies by
+    the schedule's shape at every step."""
+    params = list(params)
+    if not any(isinstance(p, dict) for p in params):
+        params = [{"params": params, "lr": recipe.lr}]
+    groups = []
+    for group in params:
+        group = {**group, "params": [p for p in group["params"] if p.requires_grad]}
+        group.setdefault("lr", recipe.lr)
+        group["base_lr"] = group["lr"]
+        groups.append(group)
     if recipe.optimizer == "lbfgs":
-        return torch.optim.LBFGS(params, lr=recipe.lr, max_iter=LBFGS_ITERATIONS_PER_EPOCH, history_size=50,
+        return torch.optim.LBFGS(groups, lr=recipe.lr, max_iter=LBFGS_ITERATIONS_PER_EPOCH, history_size=50,
                                  tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=config.momentum,
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, foreach=True)
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
     try:  # the fused kernel updates all tensors in one pass: 1.4-2x faster per step at batch 64 on the CPU
-        return cls(params, lr=recipe.lr, weight_decay=config.weight_decay, fused=True)
+        return cls(groups, lr=recipe.lr, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return cls(params, lr=recipe.lr, weight_decay=config.weight_decay, foreach=True)
+        return cls(groups, lr=recipe.lr, weight_decay=config.weight_decay, foreach=True)
 
 
-def make_schedule(optimizer, recipe: Recipe, steps_per_epoch: int):
-    total = recipe.epochs * steps_per_epoch
-    if recipe.schedule == "onecycle" and total >= 5:
-        # One peak per parameter group, so that --lr-for groups keep their own learning rate.
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=total,
-                                                   # at least two warm-up steps: OneCycleLR divides by the
-                                                   # length of each phase, which is 0 in a very short run
-                                                   pct_start=min(0.5, max(0.1, 2.5 / total)),
-                                                   div_factor=10, final_div_factor=100)
-    if recipe.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=recipe.lr * 1e-3)
-    return None
+@dataclass
+class Schedule:
+    """The learning rate as a pure function of the step, like nanoGPT's ``get_lr``: ``lr_at(step)``.
+
+    ``step`` counts the optimizer steps of the whole run (saved in every training state, so a resumed
+    run continues on the same curve). ``factor`` halves with each rollback after a divergence. Every
+    parameter group follows the same shape at its own height (its ``base_lr``, from --lr-for).
+    """
+
+    kind: str  # onecycle, cosine or none
+    lr: float  # the recipe's (peak) learning rate
+    total: int  # optimizer steps in the whole run
+    factor: float = 1.0
+
+    @classmethod
+    def of(cls, recipe: Recipe, steps_per_epoch: int) -> "Schedule":
+        total = recipe.epochs * steps_per_epoch
+        kind = "none" if recipe.schedule == "onecycle" and total < 5 else recipe.schedule
+        return cls(kind, recipe.lr, total)
+
+    def lr_at(self, step: int, base: float | None = None) -> float:
+        """The learning rate of ``step`` for a group whose configured rate is ``base`` (default: the recipe's)."""
+        return (self.lr if base is None else base) * (self.factor * self._shape(step))
+
+    def _shape(self, step: int) -> float:
+        if self.kind == "onecycle":  # torch's OneCycleLR: up from peak/10 with a cosine, then down to peak/1000
+            up = self._warmup()
+            if step <= up:
+                return _cosine_between(0.1, 1.0, step / up)
+            return _cosine_between(1.0, 1e-3, (step - up) / (self.total - 1 - up))
+        if self.kind == "cosine":  # torch's CosineAnnealingLR down to peak/1000
+            return 1e-3 + (1.0 - 1e-3) * (1.0 + math.cos(math.pi * min(step, self.total) / self.total)) / 2.0
+        return 1.0
+
+    def _warmup(self) -> float:
+        # At least two warm-up steps: a very short run would otherwise have a warm-up of length 0.
+        return min(0.5, max(0.1, 2.5 / self.total)) * self.total - 1
+
+    def momentum_at(self, step: int) -> float | None:
+        """One-cycle also cycles the momentum (Adam's beta1), against the learning rate, as OneCycleLR does."""
+        if self.kind != "onecycle":
+            return None
+        up = self._warmup()
+        if step <= up:
+            return _cosine_between(0.95, 0.85, step / up)
+        return _cosine_between(0.85, 0.95, (step - up) / (self.total - 1 - up))
+
+    def apply(self, optimizer, step: int) -> None:
+        """Write the rate (and momentum) of ``step`` into every parameter group. A tensor-valued rate (a
+        captured CUDA graph reads it) is filled in place, without a host sync; a float is assigned."""
+        scale, momentum = self.factor * self._shape(step), self.momentum_at(step)
+        for group in optimizer.param_groups:
+            _set(group, "lr", group["base_lr"] * scale)
+            if momentum is None:
+                continue
+            if "betas" in group:
+                beta1, *rest = group["betas"]
+                if isinstance(beta1, torch.Tensor):
+                    beta1.fill_(momentum)
+                else:
+                    group["betas"] = (momentum, *rest)
+            elif "momentum" in group:
+                _set(group, "momentum", momentum)
+
+
+def _cosine_between(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * min(max(pct, 0.0), 1.0)) + 1.0)
+
+
+def _set(group: dict, key: str, value: float) -> None:
+    if isinstance(group[key], torch.Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value
 
 
 @dataclass
@@ -156,185 +228,276 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     ctx = ctx or devices.Context(device=next(model.parameters()).device)
     saver = saver or trainstate.Saver(None, None, together=ctx.distributed)
     n_train = len(data.X_train)
-    named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
-    frozen_at_start = [n for n, p in freeze.unwrap(model).named_parameters() if not p.requires_grad]
     unfreeze = freeze.unfreeze_schedule(model, config.unfreeze_at)
+    recipe = _recipe_for(model, config, n_train, unfreeze, ctx)
+    lbfgs = recipe.optimizer == "lbfgs"
+    rank_batch = _rank_batch(recipe, ctx, reporter)
+    steps_per_epoch = 1 if lbfgs else math.ceil((n_train - n_train % ctx.world_size) / (rank_batch * ctx.world_size))
+    plan = StepPlan.build(config, ctx, data, reporter)
+    result = TrainResult(recipe)
+    run = Run(model, recipe, config, ctx, plan, saver, result, unfreeze, Schedule.of(recipe, steps_per_epoch))
+    # Early stopping waits for the last scheduled unfreeze: the run was asked to train those parameters.
+    stop = StopRules(recipe, config, patience_from=max(unfreeze, default=1) - 1, distributed=ctx.distributed)
+    X_val, Y_val = _rank_part(data.X_val, ctx), _rank_part(data.Y_val, ctx)
+    if lbfgs:  # full batch: each rank holds a contiguous part of the training rows
+        X_full, Y_full = _rank_part(data.X_train, ctx), _rank_part(data.Y_train, ctx)
+    writer = _tensorboard(config, ctx)  # None unless --tensorboard; only the main process writes
+
+    saver.capture = run.snapshot
+    reporter.start(recipe, n_train, len(data.X_val))
+    epoch, partial = 1, None  # partial: the permutation and progress of an epoch a checkpoint interrupted
+    if saver.resume is not None:
+        epoch, partial = run.restore(saver.resume)
+        reporter.log(f"resuming from {saver.resume.describe()} ({saver.folder})")
+        rollback = Rollback(saver.resume)
+    else:
+        rollback = Rollback(run.snapshot(saver.position(0)))  # where a divergence in the first epoch goes back to
+    stop.start(saver.resume)
+    while epoch <= recipe.epochs:
+        epoch_start = time.perf_counter()
+        if epoch in unfreeze and partial is None:
+            run.unfreeze(epoch)
+            reporter.log(f"epoch {epoch}: unfroze {', '.join(unfreeze[epoch])}")
+        saver.epoch = epoch
+        if lbfgs:
+            train_loss, train_rows = run.lbfgs_epoch(X_full, Y_full, n_train), len(X_full)
+        else:
+            perm, progress = partial if partial is not None else (torch.randperm(n_train, generator=run.generator), None)
+            partial, saver.perm = None, perm
+            X, Y = _epoch_rows(data, perm, rank_batch, ctx, plan)
+            # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
+            train_loss = run.epoch(X, Y, rank_batch, reporter, epoch, math.inf if ctx.distributed else stop.deadline,
+                                   progress)
+            train_rows = len(X)
+        train_loss, val_loss, out_of_time = _measure(run, data, train_loss, train_rows, X_val, Y_val, stop.deadline)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            epoch, partial = rollback(run, epoch, train_loss, reporter)
+            continue
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": run.lr(),
+               "seconds": time.perf_counter() - epoch_start}
+        result.history.append(row)
+        if writer is not None:
+            _log_scalars(writer, row, model, n_train)
+        improved = val_loss < result.best_val_loss
+        if improved:
+            result.best_epoch, result.best_val_loss = epoch, val_loss
+            run.best_state = _copy_state(model)
+        reporter.epoch(row, improved)
+        result.stopped = stop.reason(result, epoch, out_of_time)
+        if result.stopped:
+            break
+        rollback.good(run.snapshot(saver.position(epoch)))
+        saver.epoch_end(rollback.last_good)
+        epoch += 1
+    else:
+        result.stopped = f"reached {recipe.epochs} epochs"
+    if writer is not None:
+        writer.close()
+    run.finish(X_full if lbfgs else None, rank_batch)
+    reporter.finish(result)
+    return result
+
+
+def _recipe_for(model, config, n_train: int, unfreeze, ctx) -> Recipe:
+    """The recipe for this model and data, after checking --lr-for against it; sets the CPU threads."""
+    named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
     freeze.check_lr_for(model, config.lr_for, {n for n, _ in named} | {n for ns in unfreeze.values() for n in ns})
-    recipe = choose_recipe(config, n_train, sum(p.numel() for _, p in named))
-    _use_threads(config, recipe, sum(p.numel() for _, p in named), ctx.device)
+    n_params = sum(p.numel() for _, p in named)
+    recipe = choose_recipe(config, n_train, n_params)
+    _use_threads(config, recipe, n_params, ctx.device)
     if config.lr_for and recipe.optimizer == "lbfgs":
         raise NnfitError("--lr-for gives parameters their own learning rate, but --optimizer auto chose full-batch "
                          "L-BFGS for this small problem, and L-BFGS takes all parameters in one group; "
                          "pass --optimizer adam, adamw or sgd")
-    optimizer = make_optimizer(freeze.param_groups(named, config.lr_for, recipe.lr), recipe, config)
-    rank_batch = _rank_batch(recipe, ctx, reporter)
-    steps_per_epoch = 1 if recipe.optimizer == "lbfgs" else \
-        math.ceil((n_train - n_train % ctx.world_size) / (rank_batch * ctx.world_size))
-    scheduler = make_schedule(optimizer, recipe, steps_per_epoch)
-    has_val = len(data.X_val) > 0
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    deadline = time.perf_counter() + config.time_budget if config.time_budget else math.inf
-    plan = StepPlan.build(config, ctx, data, reporter)
-    net = _wrap(model, ctx)
-    X_val, Y_val = _rank_part(data.X_val, ctx), _rank_part(data.Y_val, ctx)
-    if recipe.optimizer == "lbfgs":  # full batch: each rank holds a contiguous part of the training rows
-        X_lbfgs, Y_lbfgs = _rank_part(data.X_train, ctx), _rank_part(data.Y_train, ctx)
+    return recipe
 
-    result = TrainResult(recipe)
-    best_state = _copy_state(model)
-    start_values = freeze.snapshot(model)  # the proof that frozen tensors stay put, and movement, start here
-    # Early stopping waits for the last scheduled unfreeze: the run was asked to train those parameters.
-    patience_from = max(unfreeze, default=1) - 1
-    writer = _tensorboard(config, ctx)  # None unless --tensorboard; only the main process writes
 
-    def snapshot(position, perm=None, total=None) -> trainstate.State:
-        state = trainstate.capture(freeze.unwrap(model), optimizer, scheduler, plan, generator, result, best_state,
-                                   start_values, position, perm, total)
-        state.info["seconds"] = time.perf_counter() - start
+def _epoch_rows(data: TrainData, perm, rank_batch: int, ctx, plan):
+    """This epoch's training rows in the permutation's order, gathered once: batches are slices of them."""
+    if not (ctx.distributed or plan.stream):
+        on_device = perm.to(data.X_train.device)
+        return data.X_train[on_device], data.Y_train[on_device]
+    return plan.gather(data.X_train, data.Y_train, _rank_rows(perm, rank_batch, ctx))
+
+
+def _measure(run, data, train_loss, train_rows: int, X_val, Y_val, deadline):
+    """The epoch's training and validation losses as floats (the epoch's one host sync), and whether
+    time ran out (under DDP: on any rank, agreed in the same all-reduce as the losses and stop signals)."""
+    ctx, plan = run.ctx, run.plan
+    if ctx.distributed:
+        train_loss, val_loss, out_of_time, run.saver.agreed = _reduce_epoch(run.model, train_loss, train_rows, X_val,
+                                                                            Y_val, ctx, plan, deadline)
+    else:
+        val_loss = evaluate_loss(run.model, data.X_val, data.Y_val, plan=plan) if plan.has_val else train_loss
+        out_of_time = time.perf_counter() >= deadline
+    train_loss, val_loss = torch.stack([train_loss.float(), val_loss.float()]).tolist()
+    return train_loss, val_loss, out_of_time
+
+
+class Run:
+    """What the loop changes as it goes: the model (wrapped for DDP), its optimizer, schedule and step,
+    the best and the starting weights. ``snapshot`` and ``restore`` move all of it at once."""
+
+    def __init__(self, model, recipe: Recipe, config, ctx, plan: "StepPlan", saver, result: TrainResult, unfreeze,
+                 schedule: Schedule):
+        self.model, self.recipe, self.config, self.ctx, self.plan = model, recipe, config, ctx, plan
+        self.saver, self.result, self.unfreeze_at, self.schedule = saver, result, unfreeze, schedule
+        named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
+        self.frozen_at_start = [n for n, p in freeze.unwrap(model).named_parameters() if not p.requires_grad]
+        self.optimizer = make_optimizer(freeze.param_groups(named, config.lr_for, recipe.lr), recipe, config)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.best_state = _copy_state(model)
+        self.start_values = freeze.snapshot(model)  # the proof that frozen tensors stay put, and movement, start here
+        self.net = _wrap(model, ctx)
+        self.step = make_step(self.net, self.optimizer, plan, config)
+        earlier = saver.resume.info.get("seconds", 0.0) if saver.resume is not None else 0.0  # before a resume
+        self.started = time.perf_counter() - earlier
+
+    def lr(self) -> float:
+        """The first parameter group's learning rate for the next step."""
+        return self.schedule.lr_at(self.saver.steps, self.optimizer.param_groups[0]["base_lr"])
+
+    def epoch(self, X, Y, batch_size: int, reporter, epoch: int, deadline: float, progress=None) -> torch.Tensor:
+        self.net.train()
+        return _epoch(self.step, self.schedule, self.optimizer, X, Y, batch_size, self.config, reporter, epoch,
+                      deadline, self.plan, self.saver, progress)
+
+    def lbfgs_epoch(self, X, Y, n_total: int) -> torch.Tensor:
+        self.net.train()
+        self.schedule.apply(self.optimizer, self.saver.steps)  # constant, but halved after a rollback
+        loss = _lbfgs_epoch(self.net, self.optimizer, X, Y, self.config.grad_clip, self.plan, n_total)
+        self.saver.step()  # one L-BFGS step per epoch; its state is saved at the epoch's end
+        return loss
+
+    def renew(self) -> None:
+        """A new step (and DDP wrapper) after the model's trainable set or the optimizer changed."""
+        self.step.invalidate()
+        self.net = _wrap(self.model, self.ctx)  # DDP fixes the set of trainable parameters when it is built
+        self.step = make_step(self.net, self.optimizer, self.plan, self.config)
+
+    def unfreeze(self, epoch: int) -> None:
+        names = self.unfreeze_at[epoch]
+        self.optimizer = _unfreeze(self.model, names, self.start_values, self.optimizer, self.recipe, self.config,
+                                   epoch)
+        self.result.unfrozen_at.update(dict.fromkeys(names, epoch))
+        self.renew()
+
+    def snapshot(self, position, perm=None, total=None) -> trainstate.State:
+        state = trainstate.capture(freeze.unwrap(self.model), self.optimizer, self.schedule.factor, self.plan,
+                                   self.generator, self.result, self.best_state, self.start_values, position, perm,
+                                   total)
+        state.info["seconds"] = time.perf_counter() - self.started
         return state
 
-    def restore(state: trainstate.State):
+    def restore(self, state: trainstate.State):
         """Put the model, optimizer, schedule, RNGs and records back as they were in ``state``; returns
         (epoch, partial): where the loop goes on, and the unfinished epoch's permutation and progress."""
-        nonlocal optimizer, scheduler, best_state, start_values, net
-        freeze.unwrap(model).load_state_dict(trainstate.part(state, "model"))
-        start_values, best_state = trainstate.part(state, "start"), trainstate.part(state, "best")
+        plan, result = self.plan, self.result
+        freeze.unwrap(self.model).load_state_dict(trainstate.part(state, "model"))
+        self.start_values, self.best_state = trainstate.part(state, "start"), trainstate.part(state, "best")
         position = state.position
-        optimizer, scheduler = _rebuild(model, frozen_at_start, unfreeze, position["epoch"], recipe, config,
-                                        steps_per_epoch)
-        optimizer.load_state_dict(trainstate.unpacked(state, "optimizer"))
-        if scheduler is not None:
-            scheduler.load_state_dict(trainstate.unpacked(state, "scheduler"))
+        self.optimizer = _rebuild(self.model, self.frozen_at_start, self.unfreeze_at, position["epoch"], self.recipe,
+                                  self.config)
+        self.optimizer.load_state_dict(trainstate.unpacked(state, "optimizer"))
+        self.schedule.factor = state.info.get("lr_factor", 1.0)
         if plan.scaler is not None:
             plan.scaler.load_state_dict(trainstate.unpacked(state, "scaler"))
         plan.micro, plan.eval_chunk = state.info["micro"], state.info["eval_chunk"]
         plan.guard.retries[:] = state.info["oom_retries"]
-        trainstate.restore_rng(state, generator)
+        trainstate.restore_rng(state, self.generator)
         result.history = [dict(row) for row in state.info["history"]]
         result.best_epoch, result.best_val_loss = state.info["best_epoch"], state.info["best_val_loss"]
         result.unfrozen_at = {k: int(v) for k, v in state.info["unfrozen_at"].items()}
         result.rollbacks = [dict(r) for r in state.info["rollbacks"]]
-        saver.steps = position["steps"]
-        net = _wrap(model, ctx)
+        self.saver.steps = position["steps"]
+        self.renew()
         if position["finished"]:
             return position["epoch"] + 1, None
         return position["epoch"], (state.tensors["perm"], (position["step"], position["rows"],
                                                            state.tensors["total"].clone().to(plan.device)))
 
-    saver.capture = snapshot
-    reporter.start(recipe, n_train, len(data.X_val))
-    earlier = saver.resume.info.get("seconds", 0.0) if saver.resume is not None else 0.0  # before a resume
-    start, deadline = time.perf_counter() - earlier, deadline - earlier
-    epoch, partial = 1, None  # partial: the permutation and progress of an epoch a checkpoint interrupted
-    if saver.resume is not None:
-        epoch, partial = restore(saver.resume)
-        reporter.log(f"resuming from {saver.resume.describe()} ({saver.folder})")
-        last_good = saver.resume
-    else:
-        last_good = snapshot(saver.position(0))  # where a divergence in the first epoch rolls back to
-    retries = 0  # rollbacks to ``last_good``
-    while epoch <= recipe.epochs:
-        epoch_start = time.perf_counter()
-        if epoch in unfreeze and partial is None:
-            optimizer = _unfreeze(model, unfreeze[epoch], start_values, optimizer, scheduler, recipe, config, epoch)
-            result.unfrozen_at.update(dict.fromkeys(unfreeze[epoch], epoch))
-            reporter.log(f"epoch {epoch}: unfroze {', '.join(unfreeze[epoch])}")
-            net = _wrap(model, ctx)  # DDP fixes the set of trainable parameters when it is built
-        net.train()
-        saver.epoch = epoch
-        if recipe.optimizer == "lbfgs":
-            train_loss = _lbfgs_epoch(net, optimizer, X_lbfgs, Y_lbfgs, config.grad_clip, plan, n_train)
-            saver.step()  # one L-BFGS step per epoch; its state is saved at the epoch's end
-        else:
-            perm, progress = partial if partial is not None else (torch.randperm(n_train, generator=generator), None)
-            partial, saver.perm = None, perm
-            if not (ctx.distributed or plan.stream):
-                on_device = perm.to(data.X_train.device)
-                train_loss = _epoch(net, optimizer, scheduler, data.X_train[on_device], data.Y_train[on_device],
-                                    recipe.batch_size, config, reporter, epoch, deadline, plan, saver, progress)
-            else:
-                rows = _rank_rows(perm, rank_batch, ctx)
-                X, Y = plan.gather(data.X_train, data.Y_train, rows)
-                # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
-                train_loss = _epoch(net, optimizer, scheduler, X, Y, rank_batch, config, reporter, epoch,
-                                    math.inf if ctx.distributed else deadline, plan, saver, progress)
-        if ctx.distributed:
-            train_rows = len(X_lbfgs) if recipe.optimizer == "lbfgs" else len(X)
-            train_loss, val_loss, out_of_time, saver.agreed = _reduce_epoch(model, train_loss, train_rows, X_val,
-                                                                            Y_val, ctx, plan, deadline)
-        else:
-            val_loss = evaluate_loss(model, data.X_val, data.Y_val, plan=plan) if has_val else train_loss
-            out_of_time = False
-        train_loss, val_loss = torch.stack([train_loss.float(), val_loss.float()]).tolist()  # the epoch's one sync
-        seconds = time.perf_counter() - epoch_start
-        lr = optimizer.param_groups[0]["lr"]
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            # A non-finite loss: the weights of this epoch are lost, not the run. Roll back to the last
-            # good state with the learning rate halved once more per retry, a bounded number of times.
-            retries += 1
-            if retries > MAX_ROLLBACKS:
-                model.load_state_dict(best_state)
-                result.stopped = f"the training loss became {train_loss} in epoch {epoch}"
-                _diverged(result, recipe)
-            rollbacks = result.rollbacks
-            diverged_in = epoch
-            epoch, partial = restore(last_good)
-            _scale_lr(optimizer, scheduler, 0.5 ** retries)
-            new_lr = optimizer.param_groups[0]["lr"]
-            result.rollbacks = [*rollbacks, {"epoch": diverged_in, "loss": train_loss, "retry": retries,
-                                             "lr": new_lr}]
-            reporter.log(f"the training loss became {train_loss} in epoch {diverged_in}: rolled back to "
-                         f"{last_good.describe()} with the learning rate halved to {new_lr:.3g} "
-                         f"(retry {retries} of {MAX_ROLLBACKS})")
-            continue
-        result.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                               "lr": lr, "seconds": seconds})
-        if writer is not None:
-            _log_scalars(writer, result.history[-1], model, n_train)
-        improved = val_loss < result.best_val_loss
-        if improved:
-            result.best_epoch, result.best_val_loss = epoch, val_loss
-            best_state = _copy_state(model)
-        reporter.epoch(result.history[-1], improved)
-        if epoch - max(result.best_epoch, patience_from) >= recipe.patience:
-            result.stopped = f"no better validation loss for {recipe.patience} epochs"
-            break
-        if recipe.optimizer == "lbfgs" and epoch > patience_from + 1 and train_loss >= result.history[-2]["train_loss"]:
+    def finish(self, X_full, rank_batch: int) -> None:
+        """Record the run's end and restore the best weights, proving frozen tensors never moved."""
+        model, result, plan = self.model, self.result, self.plan
+        result.seconds = time.perf_counter() - self.started
+        result.batch_size_final = plan.micro or (len(X_full) if X_full is not None else rank_batch)
+        result.oom_retries = plan.guard.retries
+        result.grad_norms = freeze.grad_norms(model)
+        result.frozen = [n for n, p in freeze.unwrap(model).named_parameters() if not p.requires_grad]
+        _verify_frozen(model, self.start_values, result.frozen, "during training")
+        model.load_state_dict(self.best_state)
+        _verify_frozen(model, self.start_values, result.frozen, "in the best weights restored at the end")
+        result.moved = freeze.movement(model, self.start_values)
+
+
+@dataclass
+class StopRules:
+    """When training ends before its last epoch: patience, L-BFGS converged, or the time budget."""
+
+    recipe: Recipe
+    config: object
+    patience_from: int  # early stopping counts from here (the last scheduled unfreeze)
+    distributed: bool
+    deadline: float = math.inf
+
+    def start(self, resume) -> None:
+        """The time budget counts the time a resumed run had already trained."""
+        earlier = resume.info.get("seconds", 0.0) if resume is not None else 0.0
+        if self.config.time_budget:
+            self.deadline = time.perf_counter() - earlier + self.config.time_budget
+
+    def reason(self, result: TrainResult, epoch: int, out_of_time: bool) -> str:
+        """Why to stop after ``epoch``, or "" to go on."""
+        patience = self.recipe.patience
+        if epoch - max(result.best_epoch, self.patience_from) >= patience:
+            return f"no better validation loss for {patience} epochs"
+        history = result.history
+        if self.recipe.optimizer == "lbfgs" and epoch > self.patience_from + 1 and \
+                history[-1]["train_loss"] >= history[-2]["train_loss"]:
             # L-BFGS's line search only accepts a lower loss: no change means it has converged, and
             # waiting out the patience would repeat the same empty step.
-            result.stopped = "L-BFGS converged (the training loss stopped falling)"
-            break
-        if out_of_time or (not ctx.distributed and time.perf_counter() >= deadline):
-            result.stopped = f"time budget of {config.time_budget:g} s reached"
-            break
-        last_good, retries = snapshot(saver.position(epoch)), 0
-        saver.epoch_end(last_good)
-        epoch += 1
-    else:
-        result.stopped = f"reached {recipe.epochs} epochs"
-    result.seconds = time.perf_counter() - start
-    if writer is not None:
-        writer.close()
-    result.batch_size_final = plan.micro or (len(X_lbfgs) if recipe.optimizer == "lbfgs" else rank_batch)
-    result.oom_retries = plan.guard.retries
-    result.grad_norms = freeze.grad_norms(model)
-    result.frozen = [n for n, p in freeze.unwrap(model).named_parameters() if not p.requires_grad]
-    _verify_frozen(model, start_values, result.frozen, "during training")
-    model.load_state_dict(best_state)
-    _verify_frozen(model, start_values, result.frozen, "in the best weights restored at the end")
-    result.moved = freeze.movement(model, start_values)
-    reporter.finish(result)
-    return result
+            return "L-BFGS converged (the training loss stopped falling)"
+        if out_of_time:
+            return f"time budget of {self.config.time_budget:g} s reached"
+        return ""
 
 
-def _rebuild(model, frozen_at_start, unfreeze, epoch: int, recipe, config, steps_per_epoch):
-    """An optimizer and schedule shaped as they were in ``epoch``: over the parameters trainable at the
-    start, plus those unfrozen up to ``epoch``. Only the shape matters: their states are loaded next."""
+class Rollback:
+    """After a non-finite loss the weights of that epoch are lost, not the run: go back to the last good
+    state with the learning rate halved once more per retry, at most MAX_ROLLBACKS times in a row."""
+
+    def __init__(self, last_good: trainstate.State):
+        self.last_good, self.retries = last_good, 0
+
+    def good(self, state: trainstate.State) -> None:
+        self.last_good, self.retries = state, 0
+
+    def __call__(self, run: Run, epoch: int, train_loss: float, reporter):
+        """Roll ``run`` back; returns where the loop goes on (see ``Run.restore``)."""
+        result = run.result
+        self.retries += 1
+        if self.retries > MAX_ROLLBACKS:
+            run.model.load_state_dict(run.best_state)
+            result.stopped = f"the training loss became {train_loss} in epoch {epoch}"
+            _diverged(result, run.recipe)
+        rollbacks = result.rollbacks
+        where = run.restore(self.last_good)
+        run.schedule.factor *= 0.5 ** self.retries
+        new_lr = run.lr()
+        result.rollbacks = [*rollbacks, {"epoch": epoch, "loss": train_loss, "retry": self.retries, "lr": new_lr}]
+        reporter.log(f"the training loss became {train_loss} in epoch {epoch}: rolled back to "
+                     f"{self.last_good.describe()} with the learning rate halved to {new_lr:.3g} "
+                     f"(retry {self.retries} of {MAX_ROLLBACKS})")
+        return where
+
+
+def _rebuild(model, frozen_at_start, unfreeze, epoch: int, recipe, config):
+    """An optimizer shaped as it was in ``epoch``: over the parameters trainable at the start, plus
+    those unfrozen up to ``epoch``. Only the shape matters: its state is loaded next."""
     named = dict(freeze.unwrap(model).named_parameters())
     for name, p in named.items():
         p.requires_grad_(name not in frozen_at_start)
     optimizer = make_optimizer(freeze.param_groups(list(named.items()), config.lr_for, recipe.lr), recipe, config)
-    scheduler = make_schedule(optimizer, recipe, steps_per_epoch)
     for when in sorted(unfreeze):
         if when > epoch:
             continue
@@ -344,21 +507,8 @@ def _rebuild(model, frozen_at_start, unfreeze, epoch: int, recipe, config, steps
             optimizer = make_optimizer([p for p in named.values() if p.requires_grad], recipe, config)
         else:
             for group in freeze.param_groups([(n, named[n]) for n in unfreeze[when]], config.lr_for, recipe.lr):
-                _add_group(optimizer, scheduler, group)
-    return optimizer, scheduler
-
-
-def _scale_lr(optimizer, scheduler, factor: float) -> None:
-    """Scale every learning rate, and what the schedule computes them from (after a divergence)."""
-    for group in optimizer.param_groups:
-        for key, value in group.items():
-            if key.endswith("lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                group[key] = value * factor  # lr, initial_lr, max_lr, min_lr
-    if scheduler is not None:
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        if hasattr(scheduler, "eta_min"):
-            scheduler.eta_min *= factor
+                _add_group(optimizer, group, recipe)
+    return optimizer
 
 
 def _diverged(result: TrainResult, recipe: Recipe) -> None:
@@ -373,7 +523,7 @@ def _verify_frozen(model, start_values, names, when) -> None:
     freeze.verify_unchanged(dict(freeze.unwrap(model).named_parameters()), start_values, names, when)
 
 
-def _unfreeze(model, names, start_values, optimizer, scheduler, recipe, config, epoch):
+def _unfreeze(model, names, start_values, optimizer, recipe, config, epoch):
     """Make ``names`` trainable from ``epoch`` on and hand them to the optimizer; returns the optimizer."""
     _verify_frozen(model, start_values, names, f"before epoch {epoch}, while frozen")
     named = dict(freeze.unwrap(model).named_parameters())
@@ -384,24 +534,15 @@ def _unfreeze(model, names, start_values, optimizer, scheduler, recipe, config, 
         # its curvature history restarts at this epoch.
         return make_optimizer([p for p in named.values() if p.requires_grad], recipe, config)
     for group in freeze.param_groups([(n, named[n]) for n in names], config.lr_for, recipe.lr):
-        _add_group(optimizer, scheduler, group)
+        _add_group(optimizer, group, recipe)
     return optimizer
 
 
-def _add_group(optimizer, scheduler, group: dict) -> None:
-    """Add a parameter group mid-run, where the schedule is now: its learning rate (and the schedule's
-    per-group settings) are the first group's, scaled by the ratio of their configured rates."""
-    first = optimizer.param_groups[0]
-    configured = first.get("max_lr", scheduler.base_lrs[0] if scheduler is not None else first["lr"])
-    scale = group["lr"] / configured
-    for key, value in first.items():
-        if key.endswith("lr") and isinstance(value, float):  # lr, initial_lr, max_lr, min_lr
-            group[key] = value * scale
-        elif key in ("max_momentum", "base_momentum", "momentum", "betas"):
-            group[key] = value
+def _add_group(optimizer, group: dict, recipe: Recipe) -> None:
+    """Add a parameter group mid-run. ``Schedule.apply`` sets its rate (and momentum) before each step:
+    its configured rate times the schedule's shape now."""
+    group["base_lr"] = group["lr"]
     optimizer.add_param_group(group)
-    if scheduler is not None:
-        scheduler.base_lrs.append(scheduler.base_lrs[0] * scale)
 
 
 def _tensorboard(config, ctx):
@@ -432,19 +573,20 @@ def _log_scalars(writer, row: dict, model, n_train: int) -> None:
     writer.flush()  # an interrupted run still leaves every finished epoch on disk
 
 
-def _epoch(model, optimizer, scheduler, X, Y, batch_size, config, reporter, epoch, deadline, plan, saver=None,
+def _epoch(step, schedule: Schedule, optimizer, X, Y, batch_size, config, reporter, epoch, deadline, plan, saver,
            progress=None) -> torch.Tensor:
     """One pass over the (already permuted) training data in contiguous slices; ``progress`` (steps,
     rows, running loss) continues an epoch that a saved state interrupted."""
     n = len(X)
-    step, i, total = progress or (0, 0, torch.zeros((), device=plan.device, dtype=devices.accumulator(plan.device)))
+    count, i, total = progress or (0, 0, torch.zeros((), device=plan.device, dtype=devices.accumulator(plan.device)))
     log_every = config.log_every
     while i < n:
         xb, yb = X[i:i + batch_size], Y[i:i + batch_size]
         if plan.stream:  # data in (pinned) CPU memory: copy this batch while the GPU works
             xb, yb = xb.to(plan.device, non_blocking=True), yb.to(plan.device, non_blocking=True)
+        schedule.apply(optimizer, saver.steps)
         try:
-            loss = _step(model, optimizer, xb, yb, config.grad_clip, plan)
+            loss = step(xb, yb)
         except RuntimeError as exc:
             if not devices.is_out_of_memory(exc):
                 raise
@@ -452,40 +594,59 @@ def _epoch(model, optimizer, scheduler, X, Y, batch_size, config, reporter, epoc
         if loss is None:  # out of memory: the exception (and the graph it held) is gone; retry in halves
             optimizer.zero_grad(set_to_none=True)
             plan.micro = plan.guard.halve(plan.micro or len(xb), "a training step", plan.device)
+            step.invalidate()
             continue
-        step += 1
-        if scheduler is not None:
-            scheduler.step()
-        total.add_(loss.detach(), alpha=len(xb))  # one kernel, no host sync
-        if log_every and step % log_every == 0:
-            reporter.batch(epoch, step, loss)
-        reporter.tick(step, total, i + len(xb))
+        count += 1
+        total.add_(loss, alpha=len(xb))  # one kernel, no host sync
+        if log_every and count % log_every == 0:
+            reporter.batch(epoch, count, loss)
+        reporter.tick(count, total, i + len(xb))
         i += len(xb)
-        if saver is not None and saver.step():  # a checkpoint is due, or SIGINT/SIGTERM asked to stop
-            saver.mid_epoch(step, i, total)
+        if saver.step():  # a checkpoint is due, or SIGINT/SIGTERM asked to stop
+            saver.mid_epoch(count, i, total)
         if deadline != math.inf and time.perf_counter() >= deadline:
             return total / i
     return total / n
 
 
-def _step(model, optimizer, xb, yb, grad_clip, plan) -> torch.Tensor:
-    if plan.plain:  # fp32, the whole batch at once: the fast path
-        loss = F.mse_loss(model(xb), yb)  # shapes were checked equal before training
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        loss = _backward(model, optimizer, xb, yb, plan, "a training step")
-    if plan.scaler is not None:
-        plan.scaler.unscale_(optimizer)  # clip and step on the true gradients
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(_all_params(optimizer), grad_clip, foreach=True)
-    if plan.scaler is not None:
-        plan.scaler.step(optimizer)
-        plan.scaler.update()
-    else:
-        optimizer.step()
-    return loss
+def make_step(model, optimizer, plan: "StepPlan", config) -> "EagerStep":
+    """The training step for this model, optimizer and plan: the one place that chooses how a step runs."""
+    return EagerStep(model, optimizer, plan, config.grad_clip)
+
+
+class EagerStep:
+    """One optimizer step on a batch: ``step(xb, yb)`` returns the batch's loss (detached, on the device).
+
+    The loop calls ``invalidate()`` when what a step was built for changes under it: the trainable set
+    (unfreeze), the micro-batch size (an out-of-memory halving), a restore or rollback, a new optimizer.
+    An eager step keeps nothing between calls, so there is nothing to drop.
+    """
+
+    def __init__(self, model, optimizer, plan: "StepPlan", grad_clip: float | None):
+        self.model, self.optimizer, self.plan, self.grad_clip = model, optimizer, plan, grad_clip
+
+    def invalidate(self) -> None:
+        pass
+
+    def __call__(self, xb, yb) -> torch.Tensor:
+        model, optimizer, plan = self.model, self.optimizer, self.plan
+        if plan.plain:  # fp32, the whole batch at once: the fast path
+            loss = F.mse_loss(model(xb), yb)  # shapes were checked equal before training
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss = _backward(model, optimizer, xb, yb, plan, "a training step")
+        if plan.scaler is not None:
+            plan.scaler.unscale_(optimizer)  # clip and step on the true gradients
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(_all_params(optimizer), self.grad_clip, foreach=True)
+        if plan.scaler is not None:
+            plan.scaler.step(optimizer)
+            plan.scaler.update()
+        else:
+            optimizer.step()
+        return loss.detach()
 
 
 def _backward(model, optimizer, X, Y, plan, where: str, weight: float = 1.0) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The training state: what exact resume and the rollback after a divergence restore.
 
 A ``State`` holds tensors (model, optimizer state, best weights, RNG states, the epoch's
-permutation, the running loss) and JSON-able data (position, schedule, history, early stopping,
+permutation, the running loss) and JSON-able data (position, learning-rate factor, history, early stopping,
 freeze state). ``Saver`` decides when to write it and turns SIGINT/SIGTERM into a saved stop.
 Nothing is pickled: tensors go to safetensors and the rest to JSON (``checkpoint.write_state``).
 """
@@ -44,14 +44,15 @@ class State:
         return f"the end of epoch {p['epoch']}" if p["finished"] else f"epoch {p['epoch']} step {p['step']}"
 
 
-def capture(model, optimizer, scheduler, plan, generator, result, best_state, start_values, position: dict,
+def capture(model, optimizer, lr_factor: float, plan, generator, result, best_state, start_values, position: dict,
             perm=None, total=None) -> State:
-    """A copy of everything the loop needs to continue exactly from ``position``."""
+    """A copy of everything the loop needs to continue exactly from ``position``. The learning rate is a
+    function of ``position["steps"]`` and ``lr_factor`` (halved by each rollback): no scheduler state."""
     tensors: dict = {}
     info = {
         "position": dict(position),
         "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": checkpoint.pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+        "lr_factor": lr_factor,
         "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", tensors) if plan.scaler is not None else None,
         "micro": plan.micro,
         "eval_chunk": plan.eval_chunk,
@@ -92,7 +93,7 @@ def part(state: State, prefix: str) -> dict:
 
 
 def unpacked(state: State, key: str):
-    """The optimizer's, schedule's or scaler's state_dict, with copies of its tensors."""
+    """The optimizer's or scaler's state_dict, with copies of its tensors."""
     value = state.info.get(key)
     return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
 
