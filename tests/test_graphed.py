@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nnfit import graphed
 from nnfit.model import MLP
 
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")  # the graph steps without optimizer.step()
+pytestmark = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # the graph steps without optimizer.step()
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -406,3 +406,74 @@ def test_cuda_lbfgs_closure_graph_matches_eager():
         o1.step(eager)
         o2.step(closure)
     _assert_same(m1, m2, rtol=1e-4, atol=1e-5)
+
+
+# The whole loop with the graphed step, on the CPU: the stand-in takes the place of the CUDA graph.
+
+@pytest.fixture
+def graphed_on_cpu(monkeypatch):
+    """make_step chooses the graphed step on the CPU too, with EagerGraph for torch.cuda.CUDAGraph."""
+    real = graphed.why_eager
+
+    def why(optimizer, plan, config):
+        reason = real(optimizer, SimpleNamespace(**{**vars(plan), "device": torch.device("cuda")}), config)
+        return reason
+    monkeypatch.setattr(graphed, "why_eager", why)
+    monkeypatch.setattr(graphed, "CudaGraph", graphed.EagerGraph)
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return {k: v.numpy().tobytes() for k, v in load_file(run / "model.safetensors").items()}
+
+
+RESUMABLE = {
+    # 360 training rows in batches of 32: the last one of 8 rows (ragged); onecycle moves lr and beta1
+    "adam-onecycle": ["--optimizer", "adam", "--epochs", "4", "--batch-size", "32", "--grad-clip", "1",
+                      "--checkpoint-every", "5"],
+    # an unfreeze adds a parameter group in epoch 2: a new capture
+    "sgd-cosine-unfreeze": ["--optimizer", "sgd", "--schedule", "cosine", "--epochs", "4", "--batch-size", "48",
+                            "--freeze", "l1", "--unfreeze-at", "2:l1", "--checkpoint-every", "4"],
+}
+
+
+@pytest.mark.parametrize("recipe", list(RESUMABLE))
+def test_the_loop_with_the_graphed_step_resumes_to_identical_weights(graphed_on_cpu, recipe, tmp_path, monkeypatch,
+                                                                   capsys):
+    from nnfit import devices
+    from nnfit.cli import main
+
+    args = ["train", "--samples", "400", "--seed", "3", "--no-plots", *RESUMABLE[recipe]]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    err = capsys.readouterr().err
+    assert "training step captured as a CUDA graph (batch 32)" in err or "(batch 48)" in err
+    if recipe == "sgd-cosine-unfreeze":
+        assert err.count("training step captured as a CUDA graph") == 2, err  # before and after the unfreeze
+
+    class Killed(BaseException):
+        pass
+
+    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:17")
+    monkeypatch.setattr(devices, "kill_self", lambda: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        main([*args, "--quiet", "--out", str(tmp_path / "killed")])
+    monkeypatch.delenv("NNFIT_FAULT")
+    assert main(["resume", str(tmp_path / "killed"), "--quiet"]) == 0
+    assert _weights(tmp_path / "killed") == _weights(tmp_path / "straight")
+
+
+def test_the_loop_with_the_graphed_step_learns_as_the_eager_loop_does(graphed_on_cpu, capsys):
+    import nnfit
+
+    common = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=400, optimizer="adam", batch_size=32, epochs=6,
+                  plots=False, seed=3)
+    graph = nnfit.fit(**common)
+    err = capsys.readouterr().err
+    assert "captured as a CUDA graph" in err
+    eager = nnfit.fit(**common, cuda_graph="off")
+    err = capsys.readouterr().err
+    assert "captured as a CUDA graph" not in err
+    a, b = graph.summary["test"]["mse"], eager.summary["test"]["mse"]
+    assert a < 1e-2 and a == pytest.approx(b, rel=0.05)  # the same math; fused and foreach kernels round apart
+    assert [r["lr"] for r in graph.history] == [r["lr"] for r in eager.history]

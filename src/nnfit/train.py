@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nnfit import devices, freeze, trainstate
+from nnfit import devices, freeze, graphed, trainstate
 from nnfit.errors import NnfitError, TrainingDiverged
 
 LBFGS_ITERATIONS_PER_EPOCH = 20
@@ -262,7 +262,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         if lbfgs:
             train_loss, train_rows = run.lbfgs_epoch(X_full, Y_full, n_train), len(X_full)
         else:
-            perm, progress = partial if partial is not None else (torch.randperm(n_train, generator=run.generator), None)
+            perm, progress = partial if partial is not None else (_permutation(n_train, run.generator, data), None)
             partial, saver.perm = None, perm
             X, Y = _epoch_rows(data, perm, rank_batch, ctx, plan)
             # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
@@ -312,6 +312,17 @@ def _recipe_for(model, config, n_train: int, unfreeze, ctx) -> Recipe:
     return recipe
 
 
+def _permutation(n: int, generator: torch.Generator, data: TrainData) -> torch.Tensor:
+    """This epoch's order of the training rows. With the data on a GPU it is drawn there, seeded from
+    the run's CPU generator (which stays the one saved RNG state): a CPU randperm of 1M rows and its copy
+    cost milliseconds, as long as a whole epoch at batch 65536 on a GPU. On the CPU, torch.randperm as ever."""
+    device = data.X_train.device
+    if device.type != "cuda":
+        return torch.randperm(n, generator=generator)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))  # a CPU draw: no host sync
+    return torch.randperm(n, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
 def _epoch_rows(data: TrainData, perm, rank_batch: int, ctx, plan):
     """This epoch's training rows in the permutation's order, gathered once: batches are slices of them."""
     if not (ctx.distributed or plan.stream):
@@ -350,6 +361,7 @@ class Run:
         self.start_values = freeze.snapshot(model)  # the proof that frozen tensors stay put, and movement, start here
         self.net = _wrap(model, ctx)
         self.step = make_step(self.net, self.optimizer, plan, config)
+        self._closure, self._no_closure_graph = None, False  # L-BFGS's captured closure (on CUDA)
         earlier = saver.resume.info.get("seconds", 0.0) if saver.resume is not None else 0.0  # before a resume
         self.started = time.perf_counter() - earlier
 
@@ -365,15 +377,38 @@ class Run:
     def lbfgs_epoch(self, X, Y, n_total: int) -> torch.Tensor:
         self.net.train()
         self.schedule.apply(self.optimizer, self.saver.steps)  # constant, but halved after a rollback
-        loss = _lbfgs_epoch(self.net, self.optimizer, X, Y, self.config.grad_clip, self.plan, n_total)
+        loss = _lbfgs_epoch(self.net, self.optimizer, X, Y, self.config.grad_clip, self.plan, n_total,
+                            self._lbfgs_graph(X, Y))
         self.saver.step()  # one L-BFGS step per epoch; its state is saved at the epoch's end
         return loss
+
+    def _lbfgs_graph(self, X, Y):
+        """On CUDA, L-BFGS's closure as a captured graph (``graphed.GraphedClosure``), kept while the rows
+        and the trainable set stay; None (the eager closure) where it cannot be."""
+        plan = self.plan
+        if plan.device.type != "cuda" or not plan.plain or self.config.cuda_graph == "off" or self._no_closure_graph:
+            return None
+        params = _all_params(self.optimizer)
+        if self._closure is None or not self._closure.matches(X, params):
+            self._closure = None
+            closure = graphed.GraphedClosure(self.net, X, Y, self.config.grad_clip, params, plan.device, plan.note)
+            try:
+                closure.capture(lambda: self.optimizer.zero_grad(set_to_none=True))
+            except RuntimeError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                if not devices.is_out_of_memory(exc):  # out of memory: the eager closure halves the batch
+                    self._no_closure_graph = True
+                    plan.note(f"L-BFGS closure: eager, not a CUDA graph ({str(exc).splitlines()[0][:200]})")
+                return None
+            self._closure = closure
+        return self._closure
 
     def renew(self) -> None:
         """A new step (and DDP wrapper) after the model's trainable set or the optimizer changed."""
         self.step.invalidate()
         self.net = _wrap(self.model, self.ctx)  # DDP fixes the set of trainable parameters when it is built
         self.step = make_step(self.net, self.optimizer, self.plan, self.config)
+        self._closure = None
 
     def unfreeze(self, epoch: int) -> None:
         names = self.unfreeze_at[epoch]
@@ -609,9 +644,19 @@ def _epoch(step, schedule: Schedule, optimizer, X, Y, batch_size, config, report
     return total / n
 
 
-def make_step(model, optimizer, plan: "StepPlan", config) -> "EagerStep":
-    """The training step for this model, optimizer and plan: the one place that chooses how a step runs."""
-    return EagerStep(model, optimizer, plan, config.grad_clip)
+def make_step(model, optimizer, plan: "StepPlan", config):
+    """The training step for this model, optimizer and plan: the one place that chooses how a step runs.
+
+    On CUDA it is one captured CUDA graph, replayed per batch (``graphed.GraphedStep``), where the run
+    allows it; the run says once why not where it does not. Elsewhere, and as the graph's fallback, the
+    eager step."""
+    eager = EagerStep(model, optimizer, plan, config.grad_clip)
+    why = graphed.why_eager(optimizer, plan, config)
+    if why is None:
+        return graphed.GraphedStep(model, optimizer, plan, config, eager, log=plan.guard.log)
+    if plan.device.type == "cuda":
+        plan.note(f"training step: eager, not a CUDA graph ({why})")
+    return eager
 
 
 class EagerStep:
@@ -680,7 +725,7 @@ def _forward_backward(model, X, Y, plan, weight: float) -> torch.Tensor:
     return total
 
 
-def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int) -> torch.Tensor:
+def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=None) -> torch.Tensor:
     """Full-batch L-BFGS: one optimizer.step() runs up to LBFGS_ITERATIONS_PER_EPOCH iterations.
 
     Under DDP each rank holds part of the rows. The closure returns the all-reduced loss of the
@@ -712,7 +757,7 @@ def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int) -> torch
             torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], grad_clip, foreach=True)
         return loss
 
-    optimizer.step(closure)
+    optimizer.step(closure if graph is None else graph)  # graph: the same closure, captured (on CUDA)
     if plan.plain:
         with torch.no_grad():
             return F.mse_loss(model(X), Y)
@@ -794,6 +839,13 @@ class StepPlan:
     micro: int | None = None  # rows per forward pass after an out-of-memory error (None: the whole batch)
     eval_chunk: int | None = None
     _buffers: tuple = ()
+    _said: set = field(default_factory=set)
+
+    def note(self, message: str) -> None:
+        """A line for the run's output, once per run (the reporter's log: only the main process prints)."""
+        if message not in self._said:
+            self._said.add(message)
+            self.guard.log(message)
 
     @classmethod
     def build(cls, config, ctx, data, reporter) -> "StepPlan":
