@@ -477,3 +477,27 @@ def test_the_loop_with_the_graphed_step_learns_as_the_eager_loop_does(graphed_on
     a, b = graph.summary["test"]["mse"], eager.summary["test"]["mse"]
     assert a < 1e-2 and a == pytest.approx(b, rel=0.05)  # the same math; fused and foreach kernels round apart
     assert [r["lr"] for r in graph.history] == [r["lr"] for r in eager.history]
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("settings", [
+    dict(optimizer="adam", batch_size=32, epochs=6),  # onecycle: lr and beta1 change every step
+    dict(optimizer="adamw", batch_size=48, epochs=5, precision="bf16", grad_clip=1.0),
+    dict(optimizer="sgd", schedule="cosine", batch_size=48, epochs=5, freeze=("l1",), unfreeze_at=((2, "l1"),)),
+])
+def test_cuda_fit_with_the_captured_step_learns_as_the_eager_one(settings, capsys):
+    import nnfit
+
+    common = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=400, plots=False, seed=3, device="cuda",
+                  **settings)
+    graph = nnfit.fit(**common)
+    err = capsys.readouterr().err
+    assert "training step captured as a CUDA graph" in err, err
+    eager = nnfit.fit(**common, cuda_graph="off")
+    err = capsys.readouterr().err
+    assert "eager, not a CUDA graph (--cuda-graph off)" in err and "captured" not in err, err
+    a, b = graph.summary["test"]["mse"], eager.summary["test"]["mse"]
+    assert a == pytest.approx(b, rel=0.2), (a, b)
+    if "unfreeze_at" in settings:
+        assert graph.summary.get("frozen") is None

@@ -271,11 +271,12 @@ class GraphedStep:
         device, hyper, baked = self.plan.device, [], []
         for group in self.optimizer.param_groups:
             lr = float(group["lr"])
-            entry = [lr, torch.tensor(lr, device=device)]
+            dtype = group["params"][0].dtype if group["params"] else torch.float32  # float64 models: exact rates
+            entry = [lr, torch.tensor(lr, device=device, dtype=dtype)]
             fixed = {"weight_decay": group.get("weight_decay", 0.0)}
             if self._adam():
                 beta1, beta2 = (float(b) for b in group["betas"])
-                entry += [beta1, torch.tensor(beta1, device=device)]
+                entry += [beta1, torch.tensor(beta1, device=device, dtype=dtype)]
                 fixed.update(beta2=beta2, eps=group["eps"], decoupled=isinstance(self.optimizer, torch.optim.AdamW)
                              or bool(group.get("decoupled_weight_decay")))
             else:
