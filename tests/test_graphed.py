@@ -501,3 +501,23 @@ def test_cuda_fit_with_the_captured_step_learns_as_the_eager_one(settings, capsy
     assert a == pytest.approx(b, rel=0.2), (a, b)
     if "unfreeze_at" in settings:
         assert graph.summary.get("frozen") is None
+
+
+def test_an_out_of_memory_error_in_a_capture_is_raised_for_the_loop_to_halve_the_batch():
+    class OutOfMemoryInCapture(graphed.EagerGraph):
+        def capture(self, fn):
+            try:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            except torch.cuda.OutOfMemoryError:  # what ending a broken capture raises, over the real cause
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    (m, o), _ = _pair()
+    plan = _plan()
+    step = graphed.GraphedStep(m, o, plan, _config(), _eager(m, o, plan), log=lambda s: None,
+                               graph_factory=OutOfMemoryInCapture)
+    X, Y = _data(64)
+    for i in range(3):
+        step(X[16 * i:16 * i + 16], Y[16 * i:16 * i + 16])
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        step(X[48:], Y[48:])
+    assert step.failed is None and step.graph is None  # the next call warms up and captures again

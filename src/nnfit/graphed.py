@@ -253,10 +253,9 @@ class GraphedStep:
         self.log(f"training step captured as a CUDA graph (batch {len(xb)}{micro}) in {seconds * 1000:.0f} ms")
 
     def _give_up(self, exc: BaseException) -> None:
-        from nnfit import devices
-
-        if devices.is_out_of_memory(exc):  # the loop halves the batch; the next call captures at the new size
-            raise exc
+        cause = _out_of_memory(exc)
+        if cause is not None:  # the loop halves the batch; the next call captures at the new size
+            raise cause
         self.failed = f"capture failed: {str(exc).splitlines()[0][:200]}"
         self.log(f"training step: eager, not a CUDA graph ({self.failed})")
 
@@ -376,6 +375,19 @@ class GraphedStep:
 
     def _params(self) -> list:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def _out_of_memory(exc: BaseException | None):
+    """The out-of-memory error behind ``exc``, if any: an allocation that fails inside a capture may
+    surface as the error of ending the capture, with the out-of-memory error as its context."""
+    from nnfit import devices
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if devices.is_out_of_memory(exc):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 class GraphedClosure:

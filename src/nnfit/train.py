@@ -396,7 +396,7 @@ class Run:
                 closure.capture(lambda: self.optimizer.zero_grad(set_to_none=True))
             except RuntimeError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
-                if not devices.is_out_of_memory(exc):  # out of memory: the eager closure halves the batch
+                if graphed._out_of_memory(exc) is None:  # out of memory: the eager closure halves the batch
                     self._no_closure_graph = True
                     plan.note(f"L-BFGS closure: eager, not a CUDA graph ({str(exc).splitlines()[0][:200]})")
                 return None
