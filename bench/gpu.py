@@ -230,6 +230,19 @@ def tutorial_time(device, target=1e-7):
             "test_mse": final, "device": fitted.summary["device"], "recipe": fitted.summary["recipe"]}
 
 
+def _attempt(fn, notes, what):
+    """A measurement that may fail (a missing package, a bug): its value, or None and a note."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the table goes on; the note says what failed
+        notes.append(f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return None
+
+
+def _m(rate):
+    return f"{rate / 1e6:.2f}M" if rate else "-"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and short timings: checks the script runs")
@@ -242,6 +255,7 @@ def main():
         print(f"bench/gpu.py: no CUDA GPU here (torch {torch.__version__}); nothing to measure. "
               "Run it on a CUDA machine, or pass --quick --device cpu for a smoke run.")
         return 0
+    began = time.perf_counter()
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     quick = args.quick
@@ -262,23 +276,17 @@ def main():
         bare = bare_loop(X, Y, bs, W, seconds, dev)
         ref = graphed_loop(X, Y, bs, W, seconds, dev) if graph else None
         log: list = []
-        ours = nnfit_rate(X, Y, bs, W[1:-1], seconds, dev, log=log)
-        notes += [f"batch {bs}: {line}" for line in log[:1]]
+        ours = _attempt(lambda: nnfit_rate(X, Y, bs, W[1:-1], seconds, dev, log=log), notes, f"nnfit at batch {bs}")
+        notes += [f"batch {bs}: {line}" for line in log[:2]]
         light = None
         if bs == 8192:
-            try:
-                light = lightning_rate(X, Y, bs, W, 10 if quick else 40, dev)
-            except ImportError:
-                light = None
-        rows.append([bs, f"{bare / 1e6:.2f}M", f"{ref / 1e6:.2f}M" if ref else "-", f"{ours / 1e6:.2f}M",
-                     f"{ours / ref:.2f}x" if ref else "-", f"{ours / bare:.2f}x",
-                     f"{light / 1e6:.2f}M" if light else "-"])
-        print(f"  batch {bs}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours:,.0f}/s", flush=True)
+            light = _attempt(lambda: lightning_rate(X, Y, bs, W, 10 if quick else 40, dev), notes, "Lightning")
+        rows.append([bs, f"{bare / 1e6:.2f}M", f"{ref / 1e6:.2f}M" if ref else "-", _m(ours),
+                     f"{ours / ref:.2f}x" if ref and ours else "-", f"{ours / bare:.2f}x" if ours else "-", _m(light)])
+        print(f"  batch {bs}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours or 0:,.0f}/s", flush=True)
     print(table(["batch", "bare slicing loop", "graphed reference", "nnfit", "nnfit / graphed", "nnfit / bare",
                  "Lightning (DataLoader)"], rows,
                 f"Tutorial network 1-100-100-1 tanh, Adam, {n:,} samples on {name}: samples per second"))
-    for line in notes:
-        print(f"- {line}")
 
     # The larger network: 4 -> 512 x 3 -> 1 at batch 4096.
     n4 = 1 << (12 if quick else 18)
@@ -291,10 +299,13 @@ def main():
     for precision, amp in (("32", None), ("bf16", torch.bfloat16)):
         bare = bare_loop(X4, Y4, bs4, W4, seconds, dev, amp)
         ref = graphed_loop(X4, Y4, bs4, W4, seconds, dev, amp) if graph else None
-        ours = nnfit_rate(X4, Y4, bs4, W4[1:-1], seconds, dev, precision)
-        big.append([precision, f"{bare / 1e6:.2f}M", f"{ref / 1e6:.2f}M" if ref else "-", f"{ours / 1e6:.2f}M",
-                    f"{ours / ref:.2f}x" if ref else "-"])
-        print(f"  4-512x3-1 {precision}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours:,.0f}/s",
+        log = []
+        ours = _attempt(lambda: nnfit_rate(X4, Y4, bs4, W4[1:-1], seconds, dev, precision, log=log), notes,
+                        f"nnfit 4-512x3-1 {precision}")
+        notes += [f"4-512x3-1 {precision}: {line}" for line in log[:2]]
+        big.append([precision, f"{bare / 1e6:.2f}M", f"{ref / 1e6:.2f}M" if ref else "-", _m(ours),
+                    f"{ours / ref:.2f}x" if ref and ours else "-"])
+        print(f"  4-512x3-1 {precision}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours or 0:,.0f}/s",
               flush=True)
     print(table(["precision", "bare slicing loop", "graphed reference", "nnfit", "nnfit / graphed"], big,
                 f"4 -> {'x'.join(str(w) for w in W4[1:-1])} -> 1 tanh, Adam, batch {bs4}, {n4:,} samples on {name}: "
@@ -303,11 +314,17 @@ def main():
     # The tutorial exercise, end to end, on this device and on the CPU.
     tut = []
     for device in ([str(dev), "cpu"] if dev.type != "cpu" else ["cpu"]):
-        r = tutorial_time(device)
+        r = _attempt(lambda: tutorial_time(device), notes, f"the tutorial exercise on {device}")
+        if r is None:
+            continue
         tut.append([r["device"], r["recipe"], fmt_s(r["reached"]), fmt_s(r["train"]), fmt_s(r["wall"]),
                     f"{r['test_mse']:.2e}"])
     print(table(["device", "recipe", "time to test MSE <= 1e-7", "training", "fit() wall time", "final test MSE"],
                 tut, "The tutorial exercise (nnfit demo's problem: 1000 samples of x**2 + x on [0, 1])"))
+    print("\nNotes (the runs' own lines about the captured step, and any failures):")
+    for line in notes:
+        print(f"- {line}")
+    print(f"\nbench/gpu.py took {time.perf_counter() - began:.0f} s")
     if dev.type == "cuda":
         print(f"\nGPU: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; TF32 off for the loops above")
     return 0

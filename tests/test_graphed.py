@@ -521,3 +521,16 @@ def test_an_out_of_memory_error_in_a_capture_is_raised_for_the_loop_to_halve_the
     with pytest.raises(torch.cuda.OutOfMemoryError):
         step(X[48:], Y[48:])
     assert step.failed is None and step.graph is None  # the next call warms up and captures again
+
+
+def test_the_gpu_benchmark_without_a_gpu_says_so_and_exits_cleanly():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, on any machine
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU here" in proc.stdout and "--quick --device cpu" in proc.stdout
