@@ -534,3 +534,15 @@ def test_the_gpu_benchmark_without_a_gpu_says_so_and_exits_cleanly():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA GPU here" in proc.stdout and "--quick --device cpu" in proc.stdout
+
+
+def test_a_tiny_lbfgs_run_on_cuda_gets_a_hint_and_a_larger_one_does_not():
+    from nnfit.train import Recipe, _lbfgs_hint
+
+    lbfgs = Recipe("lbfgs", 1.0, 800, 200, "none", 10)
+    gpu = torch.device("cuda", 0)
+    hint = _lbfgs_hint(lbfgs, 800, 10401, gpu)  # the tutorial's exercise
+    assert hint and "800 rows x 10,401 parameters" in hint and "--device cpu" in hint
+    assert _lbfgs_hint(lbfgs, 800, 10401, torch.device("cpu")) is None
+    assert _lbfgs_hint(lbfgs, 100_000, 10401, gpu) is None
+    assert _lbfgs_hint(Recipe("adam", 1e-3, 32, 10, "onecycle", 20), 800, 10401, gpu) is None
