@@ -168,10 +168,11 @@ class GraphedStep:
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         if self.failed is not None:
             return self.eager(xb, yb)
-        ragged = len(xb) < self._rows  # the epoch's last, shorter batch: once per epoch, not replayed
+        rows = xb.shape[0]
+        ragged = rows < self._rows  # the epoch's last, shorter batch: once per epoch, not replayed
         if not ragged:
-            self._rows = len(xb)
-            if self.graph is not None and ((len(xb), self.plan.micro) != self._shape or self._stale()):
+            self._rows = rows
+            if self.graph is not None and ((rows, self.plan.micro) != self._shape or self._stale()):
                 self.invalidate()
         if not self._hyper:
             self._prepare()
