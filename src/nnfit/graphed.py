@@ -1,22 +1,24 @@
-"""The training step as one CUDA graph: forward, loss, backward, clipping and the optimizer step,
+"""The training step as one CUDA graph: forward, loss, backward, clipping and the optimizer update,
 captured once and replayed per batch.
 
 On a GPU a small network's step is launch-bound: some forty kernels of a few microseconds each, each
-launched by Python. Captured as one ``torch.cuda.CUDAGraph`` the step is one launch, 8-10x faster
-for the tutorial network (issue "On a real GPU", measured by bench/gpu.py). The shapes are static,
-so the graph reads its batch from two static buffers that each step refills with ``copy_``.
+launched by Python. Captured as one ``torch.cuda.CUDAGraph`` the step is one launch: 8-10x the
+samples per second of the eager step for the tutorial network (the GPU issue's table; bench/gpu.py
+measures it). The shapes are static, so the graph reads its batch from two static buffers that each
+step refills with ``copy_``.
 
-What a run can change without a new capture: the learning rate and Adam's betas (the schedule writes
+What a run can change without a new capture: the learning rate and Adam's beta1 (the schedule writes
 floats into the optimizer's groups as always; the graph reads device tensors, refilled with ``fill_``
-when the float changed). What makes a new capture: a different batch size or chunking (after an
+when a float changed). What makes a new capture: a different batch size or chunking (after an
 out-of-memory halving), a new parameter group (``--unfreeze-at``), a replaced optimizer state (resume,
-rollback). The ragged last batch of an epoch runs as an ordinary eager step.
+rollback). The ragged last batch of an epoch and the warm-up steps before a capture run eagerly, with
+the graph's own math, so that where a capture happened does not change the numbers.
 
 Where a step cannot be captured it stays eager, and the run says why once: under DDP (its gradient
-hooks and bucket rebuilding are not capture-safe without freezing the set of gradients that reduce;
-one process per GPU keeps the fast path), with ``--precision 16-mixed`` (the gradient scaler decides
-on the host, per step, whether to skip the step), for optimizers other than Adam, AdamW and SGD,
-and with ``--cuda-graph off``.
+hooks and bucket rebuilding are not capture-safe without freezing the set of gradients that reduce),
+with ``--precision 16-mixed`` (the gradient scaler decides on the host, per step, whether to skip the
+step), when a schedule changes what a capture holds fixed (SGD's momentum under one-cycle), when a
+capture fails (a custom module that reads a value back to the host), and with ``--cuda-graph off``.
 
 ``torch.compile(mode="reduce-overhead")`` captures graphs too, but its compile time (tens of
 seconds for forward and backward) is longer than a whole fit of a few seconds: not used.
