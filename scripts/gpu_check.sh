@@ -48,7 +48,7 @@ for ((i = 0; i < SHARDS; i++)); do
     part=()
     for j in "${!FILES[@]}"; do (( j % SHARDS == i )) && part+=("${FILES[$j]}"); done
     [ ${#part[@]} -eq 0 ] && continue
-    OMP_NUM_THREADS=2 timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5 "${part[@]}" \
+    OMP_NUM_THREADS=2 timeout 190 "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5 "${part[@]}" \
         >"$LOG/tests-$i.log" 2>&1 &
     pids+=($!)
 done
@@ -73,12 +73,12 @@ RESULT[tests]="$([ $status_tests -eq 0 ] && echo ok || echo "FAILED (exit $statu
 grep -h "^FAILED\|^ERROR" "$LOG"/tests-*.log | cut -c1-220 >"$LOG/failures.txt"
 
 # 2. The benchmark (the GPU is quiet now).
-step bench 150 "$PY" bench/gpu.py
+step bench 125 "$PY" bench/gpu.py
 cp "$LOG/bench.log" "$LOG/gpu_bench.md"
 
 # 3. One GPU through torchrun.
 RUN=$(mktemp -d)/ddp1
-step ddp-1-gpu 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m nnfit train \
+step ddp-1-gpu 40 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m nnfit train \
     --formula "sin(a)*cos(b) + c*d" --domain a=0:3 --domain b=0:3 --domain c=-1:1 --domain d=-1:1 \
     --samples 200000 --hidden 512,512,512 --optimizer adam --batch-size 4096 --epochs 3 --device cuda \
     --no-plots --out "$RUN"
