@@ -57,6 +57,10 @@ class Config:
         "hidden layer widths, comma-separated", kind="ints", group="model"))
     activation: str = field(default="tanh", metadata=_opt(
         "activation between layers ('none' makes the network linear)", choices=ACTIVATIONS, group="model"))
+    ensemble: int = field(default=1, metadata=_opt(
+        "train K networks at once as one stacked computation, differing in initial weights and data order; "
+        "each keeps its own best epoch, and predictions are their mean with their standard deviation as the "
+        "uncertainty", kind="int", group="model"))
 
     # Freezing and fine-tuning.
     freeze: tuple = field(default=(), metadata=_opt(
@@ -158,7 +162,7 @@ class Config:
                 p.append(f"--{name.replace('_', '-')} must be a positive {'integer' if integer else 'number'}, got {value}")
 
         for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
-                     "min_batch_size", "threads", "checkpoint_every"):
+                     "ensemble", "min_batch_size", "threads", "checkpoint_every"):
             positive(name, getattr(self, name))
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)

@@ -123,6 +123,8 @@ def why_eager(optimizer, plan, config) -> str | None:
                 "that reduce; each DDP worker runs the eager step")
     if plan.scaler is not None:
         return "--precision 16-mixed: the gradient scaler decides on the host, each step, whether to skip it"
+    if getattr(plan, "members", 1) > 1:
+        return "an ensemble's stacked step (--ensemble) is not captured yet"
     if type(optimizer) not in GRAPHED_OPTIMIZERS:
         return f"the {type(optimizer).__name__} optimizer is captured only as L-BFGS's closure"
     unusual = [k for k in ("amsgrad", "maximize", "nesterov") if any(g.get(k) for g in optimizer.param_groups)]
@@ -398,8 +400,8 @@ class GraphedClosure:
     set, the same shapes on every call. ``closure()`` replays it and returns the static loss tensor;
     the gradients are the graph's, in ``.grad``, where L-BFGS reads them."""
 
-    def __init__(self, model, X, Y, grad_clip, params, device, log=print, graph_factory=None):
-        self.model, self.X, self.Y, self.grad_clip = model, X, Y, grad_clip
+    def __init__(self, model, X, Y, grad_clip, params, device, log=print, graph_factory=None, loss=F.mse_loss):
+        self.model, self.X, self.Y, self.grad_clip, self.loss_fn = model, X, Y, grad_clip, loss
         self.params = list(params)
         self.device = device
         self.log = log
@@ -417,7 +419,7 @@ class GraphedClosure:
     def _body(self):
         for p in self.params:  # Python only: the backward writes fresh gradients
             p.grad = None
-        loss = F.mse_loss(self.model(self.X), self.Y)
+        loss = self.loss_fn(self.model(self.X), self.Y)
         loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)

@@ -3,6 +3,10 @@
 Data lives as tensors on the training device. Each epoch draws a permutation,
 gathers the data once in that order, and batches are contiguous slices of it.
 Losses stay on the device as detached tensors and are read once per epoch.
+
+An ensemble (``--ensemble K``, a ``model.StackedMLP``) runs through the same code: its data carry a
+leading member axis (K, n, d), one permutation per member, its losses are (K,) vectors, and each
+member keeps its own best epoch and weights. A single network is the case without that axis.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nnfit import devices, freeze, graphed, trainstate
+from nnfit.model import members as count_members
 from nnfit.errors import NnfitError, TrainingDiverged
 
 LBFGS_ITERATIONS_PER_EPOCH = 20
@@ -212,6 +217,10 @@ class TrainResult:
     batch_size_final: int = 0  # rows per forward pass at the end (per rank); smaller than the batch after an OOM
     oom_retries: list[dict] = field(default_factory=list)  # one entry per halving after an out-of-memory error
     rollbacks: list[dict] = field(default_factory=list)  # one entry per rollback after a non-finite loss
+    # An ensemble's members each keep their own best epoch; best_epoch is then the latest of them, and
+    # best_val_loss the mean of their best validation losses (train/val losses in history: member means).
+    member_best_epochs: list[int] = field(default_factory=list)
+    member_best_val_losses: list[float] = field(default_factory=list)
 
 
 def _restoring_threads(fn):
@@ -234,12 +243,15 @@ def _use_threads(config, recipe: Recipe, n_params: int, device: torch.device) ->
 
 
 @_restoring_threads
-def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, saver=None) -> TrainResult:
+def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, saver=None,
+          member_lrs=None) -> TrainResult:
     """Train ``model`` in place on ``data``; the best weights by validation loss are restored at the end.
 
     With a distributed ``ctx`` (torchrun or ``--devices N``) the model is wrapped in
     DistributedDataParallel and each rank trains on its shard of every global batch. ``saver``
     (a ``trainstate.Saver``) writes the training state and may hold the state to resume from.
+    A stacked ``model`` (an ensemble of K members) may give each member its own peak learning rate
+    (``member_lrs``, K numbers; first-order optimizers only).
     """
     ctx = ctx or devices.Context(device=next(model.parameters()).device)
     saver = saver or trainstate.Saver(None, None, together=ctx.distributed)
@@ -249,7 +261,8 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     lbfgs = recipe.optimizer == "lbfgs"
     rank_batch = _rank_batch(recipe, ctx, reporter)
     steps_per_epoch = 1 if lbfgs else math.ceil((n_train - n_train % ctx.world_size) / (rank_batch * ctx.world_size))
-    plan = StepPlan.build(config, ctx, data, reporter)
+    plan = StepPlan.build(config, ctx, data, reporter, count_members(freeze.unwrap(model)))
+    plan.member_lr = _member_lr(member_lrs, recipe, plan, model)
     result = TrainResult(recipe)
     run = Run(model, recipe, config, ctx, plan, saver, result, unfreeze, Schedule.of(recipe, steps_per_epoch))
     # Early stopping waits for the last scheduled unfreeze: the run was asked to train those parameters.
@@ -281,27 +294,24 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         if lbfgs:
             train_loss, train_rows = run.lbfgs_epoch(X_full, Y_full, n_train), len(X_full)
         else:
-            perm, progress = partial if partial is not None else (_permutation(n_train, run.generator, data), None)
+            perm, progress = partial if partial is not None else (_permutation(n_train, run.generator, plan, data),
+                                                                  None)
             partial, saver.perm = None, perm
             X, Y = _epoch_rows(data, perm, rank_batch, ctx, plan)
             # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
             train_loss = run.epoch(X, Y, rank_batch, reporter, epoch, math.inf if ctx.distributed else stop.deadline,
                                    progress)
-            train_rows = len(X)
+            train_rows = X.shape[-2]
         train_loss, val_loss, out_of_time = _measure(run, data, train_loss, train_rows, X_val, Y_val, stop.deadline)
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            epoch, partial = rollback(run, epoch, train_loss, reporter)
+        if not all(map(math.isfinite, [*_listed(train_loss), *_listed(val_loss)])):
+            epoch, partial = rollback(run, epoch, _worst(train_loss), reporter)
             continue
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": run.lr(),
+        row = {"epoch": epoch, "train_loss": _mean(train_loss), "val_loss": _mean(val_loss), "lr": run.lr(),
                "seconds": time.perf_counter() - epoch_start}
         result.history.append(row)
         if writer is not None:
             _log_scalars(writer, row, model, n_train)
-        improved = val_loss < result.best_val_loss
-        if improved:
-            result.best_epoch, result.best_val_loss = epoch, val_loss
-            run.best_state = _copy_state(model)
-        reporter.epoch(row, improved)
+        reporter.epoch(row, run.keep_best(epoch, val_loss))
         result.stopped = stop.reason(result, epoch, out_of_time)
         if result.stopped:
             break
@@ -331,23 +341,71 @@ def _recipe_for(model, config, n_train: int, unfreeze, ctx) -> Recipe:
     return recipe
 
 
-def _permutation(n: int, generator: torch.Generator, data: TrainData) -> torch.Tensor:
-    """This epoch's order of the training rows. With the data on a GPU it is drawn there, seeded from
-    the run's CPU generator (which stays the one saved RNG state): a CPU randperm of 1M rows and its copy
-    cost milliseconds, as long as a whole epoch at batch 65536 on a GPU. On the CPU, torch.randperm as ever."""
+def _permutation(n: int, generator: torch.Generator, plan, data: TrainData) -> torch.Tensor:
+    """This epoch's order of the training rows: (n,), or (K, n) with one permutation per ensemble member.
+
+    With the data on a GPU it is drawn there, seeded from the run's CPU generator (which stays the one
+    saved RNG state): a CPU randperm of 1M rows and its copy cost milliseconds, as long as a whole epoch
+    at batch 65536 on a GPU. On the CPU, torch.randperm as ever."""
     device = data.X_train.device
-    if device.type != "cuda":
-        return torch.randperm(n, generator=generator)
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))  # a CPU draw: no host sync
-    return torch.randperm(n, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+    def one() -> torch.Tensor:
+        if device.type != "cuda":
+            return torch.randperm(n, generator=generator)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))  # a CPU draw: no host sync
+        return torch.randperm(n, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+    if plan.members == 1:
+        return one()
+    return torch.stack([one() for _ in range(plan.members)])
 
 
 def _epoch_rows(data: TrainData, perm, rank_batch: int, ctx, plan):
-    """This epoch's training rows in the permutation's order, gathered once: batches are slices of them."""
+    """This epoch's training rows in the permutation's order, gathered once: batches are slices of them
+    ((n, d), or (K, n, d) for an ensemble: each member's rows in its own order)."""
     if not (ctx.distributed or plan.stream):
         on_device = perm.to(data.X_train.device)
         return data.X_train[on_device], data.Y_train[on_device]
-    return plan.gather(data.X_train, data.Y_train, _rank_rows(perm, rank_batch, ctx))
+    rows = _rank_rows(perm, rank_batch, ctx) if perm.dim() == 1 else \
+        torch.stack([_rank_rows(p, rank_batch, ctx) for p in perm])
+    return plan.gather(data.X_train, data.Y_train, rows)
+
+
+def _listed(loss) -> list[float]:
+    return loss if isinstance(loss, list) else [loss]
+
+
+def _mean(loss) -> float:
+    """An epoch's loss as one number: an ensemble's is the mean over its members."""
+    return sum(loss) / len(loss) if isinstance(loss, list) else loss
+
+
+def _worst(loss) -> float:
+    """The non-finite value (or the largest) among the members' losses, for the rollback's message."""
+    values = _listed(loss)
+    return next((v for v in values if not math.isfinite(v)), max(values))
+
+
+def _member_lr(member_lrs, recipe: Recipe, plan, model):
+    """Each member's peak learning rate over the recipe's, as (K,) on the device (None: all the same).
+
+    The first-order optimizers' updates are linear in the learning rate, so a step taken at the recipe's
+    rate and scaled per member is exactly the step each member would take at its own rate."""
+    if member_lrs is None:
+        return None
+    lrs = [float(v) for v in member_lrs]
+    if plan.members == 1 or len(lrs) != plan.members:
+        raise NnfitError(f"member_lrs gives {len(lrs)} learning rate(s) for a model of {plan.members} member(s); "
+                         "give one per ensemble member")
+    if recipe.optimizer == "lbfgs":
+        raise NnfitError("per-member learning rates need a first-order optimizer (L-BFGS searches its own step); "
+                         "pass optimizer='adam', 'adamw' or 'sgd'")
+    if not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise NnfitError(f"member_lrs must be positive numbers, got {lrs}")
+    if all(v == recipe.lr for v in lrs):
+        return None
+    p = next(model.parameters())
+    return torch.tensor([v / recipe.lr for v in lrs], device=p.device, dtype=p.dtype)
 
 
 def _measure(run, data, train_loss, train_rows: int, X_val, Y_val, deadline):
@@ -360,8 +418,8 @@ def _measure(run, data, train_loss, train_rows: int, X_val, Y_val, deadline):
     else:
         val_loss = evaluate_loss(run.model, data.X_val, data.Y_val, plan=plan) if plan.has_val else train_loss
         out_of_time = time.perf_counter() >= deadline
-    train_loss, val_loss = torch.stack([train_loss.float(), val_loss.float()]).tolist()
-    return train_loss, val_loss, out_of_time
+    train_loss, val_loss = torch.stack([train_loss.float(), val_loss.float()]).tolist()  # the one sync
+    return train_loss, val_loss, out_of_time  # floats, or lists of K floats for an ensemble
 
 
 class Run:
@@ -383,6 +441,32 @@ class Run:
         self._closure, self._no_closure_graph = None, False  # L-BFGS's captured closure (on CUDA)
         earlier = saver.resume.info.get("seconds", 0.0) if saver.resume is not None else 0.0  # before a resume
         self.started = time.perf_counter() - earlier
+
+    def keep_best(self, epoch: int, val_loss) -> bool:
+        """Keep the weights of each member (or of the one network) whose validation loss is its best so
+        far; True when any improved. An ensemble's members are selected by a mask, on the device."""
+        result = self.result
+        if not isinstance(val_loss, list):
+            if val_loss >= result.best_val_loss:
+                return False
+            result.best_epoch, result.best_val_loss = epoch, val_loss
+            self.best_state = _copy_state(self.model)
+            return True
+        if not result.member_best_epochs:
+            result.member_best_epochs, result.member_best_val_losses = [0] * len(val_loss), [math.inf] * len(val_loss)
+        better = [v < b for v, b in zip(val_loss, result.member_best_val_losses)]
+        if not any(better):
+            return False
+        mask = torch.tensor(better, device=self.plan.device)
+        for name, now in freeze.unwrap(self.model).state_dict().items():
+            keep = mask.view(-1, *[1] * (now.dim() - 1))
+            self.best_state[name] = torch.where(keep, now.detach(), self.best_state[name])
+        for k in (k for k, b in enumerate(better) if b):
+            result.member_best_epochs[k], result.member_best_val_losses[k] = epoch, val_loss[k]
+        # Training goes on while any member still improves: the stop rules read the latest best epoch.
+        result.best_epoch = max(result.member_best_epochs)
+        result.best_val_loss = sum(result.member_best_val_losses) / len(val_loss)
+        return True
 
     def lr(self) -> float:
         """The first parameter group's learning rate for the next step."""
@@ -410,7 +494,8 @@ class Run:
         params = _all_params(self.optimizer)
         if self._closure is None or not self._closure.matches(X, params):
             self._closure = None
-            closure = graphed.GraphedClosure(self.net, X, Y, self.config.grad_clip, params, plan.device, plan.note)
+            closure = graphed.GraphedClosure(self.net, X, Y, self.config.grad_clip, params, plan.device, plan.note,
+                                             loss=lambda out, Y: _mse(out, Y).sum())  # the eager closure's loss
             try:
                 closure.capture(lambda: self.optimizer.zero_grad(set_to_none=True))
             except RuntimeError as exc:
@@ -461,6 +546,7 @@ class Run:
         trainstate.restore_rng(state, self.generator)
         result.history = [dict(row) for row in state.info["history"]]
         result.best_epoch, result.best_val_loss = state.info["best_epoch"], state.info["best_val_loss"]
+        result.member_best_epochs, result.member_best_val_losses = map(list, state.info.get("member_best", ([], [])))
         result.unfrozen_at = {k: int(v) for k, v in state.info["unfrozen_at"].items()}
         result.rollbacks = [dict(r) for r in state.info["rollbacks"]]
         self.saver.steps = position["steps"]
@@ -631,11 +717,15 @@ def _epoch(step, schedule: Schedule, optimizer, X, Y, batch_size, config, report
            progress=None) -> torch.Tensor:
     """One pass over the (already permuted) training data in contiguous slices; ``progress`` (steps,
     rows, running loss) continues an epoch that a saved state interrupted."""
-    n = len(X)
-    count, i, total = progress or (0, 0, torch.zeros((), device=plan.device, dtype=devices.accumulator(plan.device)))
+    n = X.shape[-2]  # rows; an ensemble's data are (K, n, d)
+    count, i, total = progress or (0, 0, torch.zeros(plan.loss_shape, device=plan.device,
+                                                     dtype=devices.accumulator(plan.device)))
+    shown = total if plan.members == 1 else _MeanOf(total)  # what the progress bar reads, when it redraws
     log_every = config.log_every
     while i < n:
-        xb, yb = X[i:i + batch_size], Y[i:i + batch_size]
+        xb, yb = (X[i:i + batch_size], Y[i:i + batch_size]) if X.dim() == 2 else \
+            (X[:, i:i + batch_size], Y[:, i:i + batch_size])
+        rows = xb.shape[-2]
         if plan.stream:  # data in (pinned) CPU memory: copy this batch while the GPU works
             xb, yb = xb.to(plan.device, non_blocking=True), yb.to(plan.device, non_blocking=True)
         schedule.apply(optimizer, saver.steps)
@@ -647,20 +737,31 @@ def _epoch(step, schedule: Schedule, optimizer, X, Y, batch_size, config, report
             loss = None
         if loss is None:  # out of memory: the exception (and the graph it held) is gone; retry in halves
             optimizer.zero_grad(set_to_none=True)
-            plan.micro = plan.guard.halve(plan.micro or len(xb), "a training step", plan.device)
+            plan.micro = plan.guard.halve(plan.micro or rows, "a training step", plan.device)
             step.invalidate()
             continue
         count += 1
-        total.add_(loss, alpha=len(xb))  # one kernel, no host sync
+        total.add_(loss, alpha=rows)  # one kernel, no host sync
         if log_every and count % log_every == 0:
-            reporter.batch(epoch, count, loss)
-        reporter.tick(count, total, i + len(xb))
-        i += len(xb)
+            reporter.batch(epoch, count, loss.mean())
+        reporter.tick(count, shown, i + rows)
+        i += rows
         if saver.step():  # a checkpoint is due, or SIGINT/SIGTERM asked to stop
             saver.mid_epoch(count, i, total)
         if deadline != math.inf and time.perf_counter() >= deadline:
             return total / i
     return total / n
+
+
+class _MeanOf:
+    """An ensemble's running loss as the progress bar reads it (``float()``): the members' mean, computed
+    (with its host sync) only when the bar redraws."""
+
+    def __init__(self, total: torch.Tensor):
+        self.total = total
+
+    def __float__(self) -> float:
+        return float(self.total.mean())
 
 
 def make_step(model, optimizer, plan: "StepPlan", config):
@@ -695,9 +796,9 @@ class EagerStep:
     def __call__(self, xb, yb) -> torch.Tensor:
         model, optimizer, plan = self.model, self.optimizer, self.plan
         if plan.plain:  # fp32, the whole batch at once: the fast path
-            loss = F.mse_loss(model(xb), yb)  # shapes were checked equal before training
+            loss = _mse(model(xb), yb)  # shapes were checked equal before training
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss.sum() if plan.members > 1 else loss).backward()  # members are independent: sum, not mean
         else:
             optimizer.zero_grad(set_to_none=True)
             loss = _backward(model, optimizer, xb, yb, plan, "a training step")
@@ -705,12 +806,36 @@ class EagerStep:
             plan.scaler.unscale_(optimizer)  # clip and step on the true gradients
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(_all_params(optimizer), self.grad_clip, foreach=True)
+        before = _copies(optimizer) if plan.member_lr is not None else None
         if plan.scaler is not None:
             plan.scaler.step(optimizer)
             plan.scaler.update()
         else:
             optimizer.step()
+        if before is not None:
+            _scale_updates(optimizer, before, plan.member_lr)
         return loss.detach()
+
+
+def _mse(out: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """The mean squared error: one number, or one per member for an ensemble's (K, b, k) outputs
+    (``Y`` is (K, b, k), or (b, k) when every member sees the same rows)."""
+    if out.dim() == 2:
+        return F.mse_loss(out, Y)
+    return (out - Y).square().mean(dim=(1, 2))
+
+
+def _copies(optimizer) -> list[torch.Tensor]:
+    return torch._foreach_mul(_all_params(optimizer), 1.0)
+
+
+@torch.no_grad()
+def _scale_updates(optimizer, before: list[torch.Tensor], member_lr: torch.Tensor) -> None:
+    """Scale each member's update by its learning rate over the base rate: p = before + (p - before) * s."""
+    params = _all_params(optimizer)
+    torch._foreach_sub_(params, before)
+    torch._foreach_mul_(params, [member_lr.view(-1, *[1] * (p.dim() - 1)) for p in params])
+    torch._foreach_add_(params, before)
 
 
 def _backward(model, optimizer, X, Y, plan, where: str, weight: float = 1.0) -> torch.Tensor:
@@ -723,25 +848,31 @@ def _backward(model, optimizer, X, Y, plan, where: str, weight: float = 1.0) -> 
             if not devices.is_out_of_memory(exc):
                 raise
         optimizer.zero_grad(set_to_none=True)
-        plan.micro = plan.guard.halve(plan.micro or len(X), where, plan.device)
+        plan.micro = plan.guard.halve(plan.micro or X.shape[-2], where, plan.device)
 
 
 def _forward_backward(model, X, Y, plan, weight: float) -> torch.Tensor:
-    n = len(X)
+    n = X.shape[-2]
     size = plan.micro or n
     total = None
     for i in range(0, n, size):
-        xb = X[i:i + size].to(plan.device, non_blocking=True)
-        yb = Y[i:i + size].to(plan.device, non_blocking=True)
+        xb = _rows(X, i, i + size).to(plan.device, non_blocking=True)
+        yb = _rows(Y, i, i + size).to(plan.device, non_blocking=True)
         # Under DDP only the last chunk all-reduces gradients: one exchange per step, whatever the chunking.
         sync = model.no_sync() if plan.ddp and i + size < n else nullcontext()
         with sync:
             with torch.autocast(plan.device.type, dtype=plan.amp, enabled=plan.amp is not None):
                 out = model(xb)
-            loss = F.mse_loss(out.to(yb.dtype), yb) * (len(xb) * weight / n)  # autocast's output back to fp32
-            (plan.scaler.scale(loss) if plan.scaler is not None else loss).backward()
+            loss = _mse(out.to(yb.dtype), yb) * (xb.shape[-2] * weight / n)  # autocast's output back to fp32
+            summed = loss.sum() if loss.dim() else loss
+            (plan.scaler.scale(summed) if plan.scaler is not None else summed).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
+
+
+def _rows(T: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of (n, d) data, or of each member's (K, n, d) data."""
+    return T[start:stop] if T.dim() == 2 else T[:, start:stop]
 
 
 def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=None) -> torch.Tensor:
@@ -759,7 +890,7 @@ def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=No
         loss = None
         if plan.plain:
             try:
-                loss = F.mse_loss(model(X), Y)
+                loss = _mse(model(X), Y).sum()  # an ensemble's members are independent: their sum is exact
                 loss.backward()
             except RuntimeError as exc:
                 if not devices.is_out_of_memory(exc):
@@ -769,7 +900,7 @@ def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=No
                 optimizer.zero_grad(set_to_none=True)
                 plan.micro = plan.guard.halve(len(X), "an L-BFGS step", plan.device)
         if loss is None:
-            loss = _backward(model, optimizer, X, Y, plan, "an L-BFGS step", weight)
+            loss = _backward(model, optimizer, X, Y, plan, "an L-BFGS step", weight).sum()
             if plan.ddp:
                 loss = devices.all_reduce(loss / world, plan.ctx)
         if grad_clip:
@@ -779,7 +910,7 @@ def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=No
     optimizer.step(closure if graph is None else graph)  # graph: the same closure, captured (on CUDA)
     if plan.plain:
         with torch.no_grad():
-            return F.mse_loss(model(X), Y)
+            return _mse(model(X), Y)
     return evaluate_loss(freeze.unwrap(model), X, Y, plan=plan)  # this rank's part; reduced per epoch
 
 
@@ -805,7 +936,10 @@ def squared_error_sum(model, X, Y, chunk: int = 65536, plan=None) -> torch.Tenso
             try:
                 xb = X[i:i + chunk].to(device, non_blocking=True)
                 yb = Y[i:i + chunk].to(device, non_blocking=True)
-                total += F.mse_loss(model(xb), yb, reduction="sum").double()
+                out = model(xb)
+                # An ensemble's (K, b, k) outputs give one sum per member.
+                sse = F.mse_loss(out, yb, reduction="sum") if out.dim() == 2 else (out - yb).square().sum(dim=(1, 2))
+                total = total + sse.to(total.dtype)
             except RuntimeError as exc:
                 if plan is None or not devices.is_out_of_memory(exc):
                     raise
@@ -822,16 +956,18 @@ def _reduce_epoch(model, train_loss, train_rows: int, X_val, Y_val, ctx, plan, d
     the whole validation set, whether any rank ran out of time, and whether any was sent SIGINT or SIGTERM,
     so that every rank stops together (the last two as the signal to stop for, or None)."""
     f64 = {"device": plan.device, "dtype": devices.accumulator(plan.device)}
+    k = plan.members  # an ensemble's losses are (K,): K numbers each
     sse = squared_error_sum(model, X_val, Y_val, plan=plan) if len(X_val) else torch.zeros((), **f64)
-    local = [train_loss.to(f64["dtype"]) * train_rows, torch.tensor(float(train_rows), **f64), sse.to(f64["dtype"]),
-             torch.tensor(float(Y_val.numel()), **f64), torch.tensor(float(time.perf_counter() >= deadline), **f64),
-             torch.tensor(_stop_vote(trainstate.STOP.signal, ctx.world_size), **f64)]
-    stats = devices.all_reduce(torch.stack(local), ctx)
-    train = stats[0] / stats[1]
-    val = stats[2] / stats[3] if plan.has_val else train
-    votes = float(stats[5])
+    counts = [float(train_rows), float(Y_val.numel()), float(time.perf_counter() >= deadline),
+              _stop_vote(trainstate.STOP.signal, ctx.world_size)]
+    local = torch.cat([(train_loss.to(f64["dtype"]) * train_rows).reshape(-1).expand(k),
+                       sse.to(f64["dtype"]).reshape(-1).expand(k), torch.tensor(counts, **f64)])
+    stats = devices.all_reduce(local, ctx)
+    rows, numel, late, votes = stats[2 * k:].tolist()
+    train = (stats[:k] / rows).reshape(plan.loss_shape)
+    val = (stats[k:2 * k] / numel).reshape(plan.loss_shape) if plan.has_val else train
     stop = signal.SIGTERM if votes > ctx.world_size else signal.SIGINT if votes > 0 else None
-    return train, val, bool(stats[4] > 0), stop
+    return train, val, late > 0, stop
 
 
 def _stop_vote(signum: int | None, world_size: int) -> float:
@@ -857,6 +993,8 @@ class StepPlan:
     has_val: bool = False
     micro: int | None = None  # rows per forward pass after an out-of-memory error (None: the whole batch)
     eval_chunk: int | None = None
+    members: int = 1  # K for an ensemble (a StackedMLP): data, losses and weights gain a member axis
+    member_lr: torch.Tensor | None = None  # (K,) each member's learning rate over the recipe's
     _buffers: tuple = ()
     _said: set = field(default_factory=set)
 
@@ -866,13 +1004,17 @@ class StepPlan:
             self._said.add(message)
             self.guard.log(message)
 
+    @property
+    def loss_shape(self) -> tuple:
+        return () if self.members == 1 else (self.members,)
+
     @classmethod
-    def build(cls, config, ctx, data, reporter) -> "StepPlan":
+    def build(cls, config, ctx, data, reporter, members: int = 1) -> "StepPlan":
         amp = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}[config.precision]
         scaler = torch.amp.GradScaler(ctx.device.type) if config.precision == "16-mixed" else None
         stream = data.X_train.device != ctx.device or config.data_on == "cpu"
         return cls(ctx, ctx.device, devices.MemoryGuard(config.min_batch_size, reporter.log), amp, scaler,
-                   ctx.distributed, stream, len(data.X_val) > 0)
+                   ctx.distributed, stream, len(data.X_val) > 0, members=members)
 
     @property
     def plain(self) -> bool:
@@ -883,13 +1025,14 @@ class StepPlan:
         if not self.stream:
             rows = rows.to(X.device)
             return X[rows], Y[rows]
-        if not self._buffers or len(self._buffers[0]) != len(rows):
+        flat = rows.reshape(-1)  # an ensemble's (K, m) rows: gathered as K * m, viewed as (K, m, d)
+        if not self._buffers or len(self._buffers[0]) != len(flat):
             pin = self.device.type == "cuda"
-            self._buffers = tuple(torch.empty((len(rows), *T.shape[1:]), dtype=T.dtype, pin_memory=pin)
+            self._buffers = tuple(torch.empty((len(flat), *T.shape[1:]), dtype=T.dtype, pin_memory=pin)
                                   for T in (X, Y))
-        rows = rows.to(X.device)
-        return (torch.index_select(X, 0, rows, out=self._buffers[0]),
-                torch.index_select(Y, 0, rows, out=self._buffers[1]))
+        flat = flat.to(X.device)
+        return tuple(torch.index_select(T, 0, flat, out=buffer).view(*rows.shape, *T.shape[1:])
+                     for T, buffer in zip((X, Y), self._buffers))
 
 
 def _wrap(model, ctx):

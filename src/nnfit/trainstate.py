@@ -60,6 +60,7 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
         "history": [dict(row) for row in result.history],
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
+        "member_best": [list(result.member_best_epochs), list(result.member_best_val_losses)],  # an ensemble's
         "unfrozen_at": dict(result.unfrozen_at),
         "rollbacks": [dict(r) for r in result.rollbacks],
         "rng": _rng_info(tensors),
