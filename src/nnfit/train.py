@@ -197,8 +197,10 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         """Put the model, optimizer, schedule, RNGs and records back as they were in ``state``; returns
         (epoch, partial): where the loop goes on, and the unfinished epoch's permutation and progress."""
         nonlocal optimizer, scheduler, best_state, start_values, net
+        live = freeze.unwrap(model).state_dict()
         freeze.unwrap(model).load_state_dict(trainstate.part(state, "model"))
-        start_values, best_state = trainstate.part(state, "start"), trainstate.part(state, "best")
+        # A state read from disk is on the CPU: the start and best weights go back to the model's device.
+        start_values, best_state = trainstate.part(state, "start", live), trainstate.part(state, "best", live)
         position = state.position
         optimizer, scheduler = _rebuild(model, frozen_at_start, unfreeze, position["epoch"], recipe, config,
                                         steps_per_epoch)
