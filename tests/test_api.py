@@ -49,7 +49,7 @@ def test_save_load_predict_gives_identical_numbers(tutorial_run, tmp_path):
     # the default loads on the CPU: the same numbers up to float rounding of another device's kernels
     on_cpu = nnfit.load(out)
     assert on_cpu.device == torch.device("cpu")
-    np.testing.assert_allclose(on_cpu.predict(X), model.predict(X), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(on_cpu.predict(X), model.predict(X), rtol=0, atol=1e-5)  # float32 rounding
 
 
 def test_predict_accepts_numpy_dataframe_and_tensor(tutorial_run):
