@@ -381,7 +381,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
-    with a fixed seed on the CPU, the final weights are bit-identical to those of an uninterrupted run.
+    with a fixed seed, on the CPU or a CUDA GPU (deterministic kernels), the final weights are
+    bit-identical to those of an uninterrupted run on the same device type.
 
     Args:
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
