@@ -433,7 +433,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
-    with a fixed seed on the CPU, the final weights are bit-identical to those of an uninterrupted run.
+    with a fixed seed, on the CPU or a CUDA GPU (deterministic kernels), the final weights are
+    bit-identical to those of an uninterrupted run on the same device type.
 
     Args:
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
@@ -470,7 +471,17 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:
     """Load a run folder written by ``fit(..., out=...)``, ``FittedModel.save`` or ``nnfit train``.
 
-    A run trained with a custom module needs that module (freshly built) as ``model``.
+    Args:
+        path: the run folder.
+        model: a fresh instance of the custom module the run was trained with, if any.
+        device: where the loaded model predicts: ``cpu`` (the default), ``auto``, ``cuda``, ``cuda:N``
+            or ``mps``.
+
+    Returns:
+        A FittedModel whose predictions are bit-identical to those of the model that was saved, when
+        both run on the same device. A model trained on a GPU and loaded on the CPU agrees with it to
+        float rounding (the last digit or two): the two devices' kernels sum in different orders.
+        Pass ``device=str(fitted.device)`` for the very same numbers.
     """
     state, meta = checkpoint.load_weights(path)
     arch = meta["architecture"]

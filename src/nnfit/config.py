@@ -22,6 +22,7 @@ DTYPES = ("float32", "float64")
 NONFINITE = ("drop", "error")
 DATA_ON = ("auto", "device", "cpu")
 PRECISIONS = ("32", "bf16", "16-mixed")
+CUDA_GRAPH = ("auto", "off")
 
 
 def _opt(help: str, *, kind: str = "str", group: str = "training", choices=None, flag=None, cli=True):
@@ -116,6 +117,9 @@ class Config:
     precision: str = field(default="32", metadata=_opt(
         "32, or mixed precision with autocast: bf16, or 16-mixed (fp16 with a gradient scaler); "
         "parameters and the saved model stay fp32", choices=PRECISIONS, group="device"))
+    cuda_graph: str = field(default="auto", metadata=_opt(
+        "on CUDA, run each training step as one captured CUDA graph where it can be (auto), or eagerly (off)",
+        choices=CUDA_GRAPH, group="device"))
     min_batch_size: int = field(default=1, metadata=_opt(
         "after an out-of-memory error the batch is halved and retried, down to this size", kind="int",
         group="device"))
@@ -207,7 +211,7 @@ class Config:
 
     def _device_problems(self) -> list[str]:
         p = []
-        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS)):
+        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS), ("cuda_graph", CUDA_GRAPH)):
             value = getattr(self, name)
             if value not in allowed:
                 p.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")

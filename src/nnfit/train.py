@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nnfit import devices, freeze, trainstate
+from nnfit import devices, freeze, graphed, trainstate
 from nnfit.model import members as count_members
 from nnfit.errors import NnfitError, TrainingDiverged
 
@@ -61,6 +61,22 @@ class Recipe:
                     f"up to {self.epochs} epochs, patience {self.patience})")
         return (f"{self.optimizer} lr {self.lr:g}, batch {self.batch_size}, schedule {self.schedule}, "
                 f"up to {self.epochs} epochs, patience {self.patience}")
+
+
+# Work (training rows x trainable parameters) up to which full-batch L-BFGS is likely to train faster on
+# the CPU than on a GPU: torch's L-BFGS reads numbers back from the GPU about a hundred times per
+# iteration (its two-loop recursion takes each history term as a Python number), which a tiny network's
+# math cannot hide. The tutorial's exercise (800 x 10,401 = 8.3e6) trained in 1.84 s on an H200 against
+# 1.27 s on that machine's CPU (issue "On a real GPU"); bench/gpu.py measures both. A run on CUDA below
+# this size gets a hint; --device auto still means the GPU.
+LBFGS_CPU_MAX_WORK = 2e7
+
+
+def _lbfgs_hint(recipe, n_train: int, n_params: int, device: torch.device) -> str | None:
+    if recipe.optimizer != "lbfgs" or device.type != "cuda" or n_train * n_params > LBFGS_CPU_MAX_WORK:
+        return None
+    return (f"hint: full-batch L-BFGS on a problem this small ({n_train:,} rows x {n_params:,} parameters) "
+            "is usually faster on the CPU (--device cpu): torch's L-BFGS waits on the GPU many times per iteration")
 
 
 def choose_recipe(config, n_train: int, n_params: int) -> Recipe:
@@ -258,6 +274,9 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
 
     saver.capture = run.snapshot
     reporter.start(recipe, n_train, len(data.X_val))
+    hint = _lbfgs_hint(recipe, n_train, sum(p.numel() for p in model.parameters() if p.requires_grad), ctx.device)
+    if hint is not None and not ctx.distributed:
+        reporter.log(hint)
     epoch, partial = 1, None  # partial: the permutation and progress of an epoch a checkpoint interrupted
     if saver.resume is not None:
         epoch, partial = run.restore(saver.resume)
@@ -275,7 +294,8 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         if lbfgs:
             train_loss, train_rows = run.lbfgs_epoch(X_full, Y_full, n_train), len(X_full)
         else:
-            perm, progress = partial if partial is not None else (_permutation(n_train, run.generator, plan), None)
+            perm, progress = partial if partial is not None else (_permutation(n_train, run.generator, plan, data),
+                                                                  None)
             partial, saver.perm = None, perm
             X, Y = _epoch_rows(data, perm, rank_batch, ctx, plan)
             # A mid-epoch deadline would stop the ranks at different steps: under DDP it is checked per epoch.
@@ -321,11 +341,23 @@ def _recipe_for(model, config, n_train: int, unfreeze, ctx) -> Recipe:
     return recipe
 
 
-def _permutation(n: int, generator, plan) -> torch.Tensor:
-    """This epoch's order of the training rows: (n,), or (K, n) with one permutation per ensemble member."""
+def _permutation(n: int, generator: torch.Generator, plan, data: TrainData) -> torch.Tensor:
+    """This epoch's order of the training rows: (n,), or (K, n) with one permutation per ensemble member.
+
+    With the data on a GPU it is drawn there, seeded from the run's CPU generator (which stays the one
+    saved RNG state): a CPU randperm of 1M rows and its copy cost milliseconds, as long as a whole epoch
+    at batch 65536 on a GPU. On the CPU, torch.randperm as ever."""
+    device = data.X_train.device
+
+    def one() -> torch.Tensor:
+        if device.type != "cuda":
+            return torch.randperm(n, generator=generator)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))  # a CPU draw: no host sync
+        return torch.randperm(n, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
     if plan.members == 1:
-        return torch.randperm(n, generator=generator)
-    return torch.stack([torch.randperm(n, generator=generator) for _ in range(plan.members)])
+        return one()
+    return torch.stack([one() for _ in range(plan.members)])
 
 
 def _epoch_rows(data: TrainData, perm, rank_batch: int, ctx, plan):
@@ -406,6 +438,7 @@ class Run:
         self.start_values = freeze.snapshot(model)  # the proof that frozen tensors stay put, and movement, start here
         self.net = _wrap(model, ctx)
         self.step = make_step(self.net, self.optimizer, plan, config)
+        self._closure, self._no_closure_graph = None, False  # L-BFGS's captured closure (on CUDA)
         earlier = saver.resume.info.get("seconds", 0.0) if saver.resume is not None else 0.0  # before a resume
         self.started = time.perf_counter() - earlier
 
@@ -447,15 +480,39 @@ class Run:
     def lbfgs_epoch(self, X, Y, n_total: int) -> torch.Tensor:
         self.net.train()
         self.schedule.apply(self.optimizer, self.saver.steps)  # constant, but halved after a rollback
-        loss = _lbfgs_epoch(self.net, self.optimizer, X, Y, self.config.grad_clip, self.plan, n_total)
+        loss = _lbfgs_epoch(self.net, self.optimizer, X, Y, self.config.grad_clip, self.plan, n_total,
+                            self._lbfgs_graph(X, Y))
         self.saver.step()  # one L-BFGS step per epoch; its state is saved at the epoch's end
         return loss
+
+    def _lbfgs_graph(self, X, Y):
+        """On CUDA, L-BFGS's closure as a captured graph (``graphed.GraphedClosure``), kept while the rows
+        and the trainable set stay; None (the eager closure) where it cannot be."""
+        plan = self.plan
+        if plan.device.type != "cuda" or not plan.plain or self.config.cuda_graph == "off" or self._no_closure_graph:
+            return None
+        params = _all_params(self.optimizer)
+        if self._closure is None or not self._closure.matches(X, params):
+            self._closure = None
+            closure = graphed.GraphedClosure(self.net, X, Y, self.config.grad_clip, params, plan.device, plan.note,
+                                             loss=lambda out, Y: _mse(out, Y).sum())  # the eager closure's loss
+            try:
+                closure.capture(lambda: self.optimizer.zero_grad(set_to_none=True))
+            except RuntimeError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                if graphed._out_of_memory(exc) is None:  # out of memory: the eager closure halves the batch
+                    self._no_closure_graph = True
+                    plan.note(f"L-BFGS closure: eager, not a CUDA graph ({str(exc).splitlines()[0][:200]})")
+                return None
+            self._closure = closure
+        return self._closure
 
     def renew(self) -> None:
         """A new step (and DDP wrapper) after the model's trainable set or the optimizer changed."""
         self.step.invalidate()
         self.net = _wrap(self.model, self.ctx)  # DDP fixes the set of trainable parameters when it is built
         self.step = make_step(self.net, self.optimizer, self.plan, self.config)
+        self._closure = None
 
     def unfreeze(self, epoch: int) -> None:
         names = self.unfreeze_at[epoch]
@@ -475,8 +532,11 @@ class Run:
         """Put the model, optimizer, schedule, RNGs and records back as they were in ``state``; returns
         (epoch, partial): where the loop goes on, and the unfinished epoch's permutation and progress."""
         plan, result = self.plan, self.result
+        live = freeze.unwrap(self.model).state_dict()
         freeze.unwrap(self.model).load_state_dict(trainstate.part(state, "model"))
-        self.start_values, self.best_state = trainstate.part(state, "start"), trainstate.part(state, "best")
+        # A state read from disk is on the CPU: the start and best weights go back to the model's device.
+        self.start_values = trainstate.part(state, "start", live)
+        self.best_state = trainstate.part(state, "best", live)
         position = state.position
         self.optimizer = _rebuild(self.model, self.frozen_at_start, self.unfreeze_at, position["epoch"], self.recipe,
                                   self.config)
@@ -707,9 +767,19 @@ class _MeanOf:
         return float(self.total.mean())
 
 
-def make_step(model, optimizer, plan: "StepPlan", config) -> "EagerStep":
-    """The training step for this model, optimizer and plan: the one place that chooses how a step runs."""
-    return EagerStep(model, optimizer, plan, config.grad_clip)
+def make_step(model, optimizer, plan: "StepPlan", config):
+    """The training step for this model, optimizer and plan: the one place that chooses how a step runs.
+
+    On CUDA it is one captured CUDA graph, replayed per batch (``graphed.GraphedStep``), where the run
+    allows it; the run says once why not where it does not. Elsewhere, and as the graph's fallback, the
+    eager step."""
+    eager = EagerStep(model, optimizer, plan, config.grad_clip)
+    why = graphed.why_eager(optimizer, plan, config)
+    if why is None:
+        return graphed.GraphedStep(model, optimizer, plan, config, eager, log=plan.guard.log)
+    if plan.device.type == "cuda" and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS captures its closure
+        plan.note(f"training step: eager, not a CUDA graph ({why})")
+    return eager
 
 
 class EagerStep:
@@ -808,7 +878,7 @@ def _rows(T: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return T[start:stop] if T.dim() == 2 else T[:, start:stop]
 
 
-def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int) -> torch.Tensor:
+def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=None) -> torch.Tensor:
     """Full-batch L-BFGS: one optimizer.step() runs up to LBFGS_ITERATIONS_PER_EPOCH iterations.
 
     Under DDP each rank holds part of the rows. The closure returns the all-reduced loss of the
@@ -840,7 +910,7 @@ def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int) -> torch
             torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], grad_clip, foreach=True)
         return loss
 
-    optimizer.step(closure)
+    optimizer.step(closure if graph is None else graph)  # graph: the same closure, captured (on CUDA)
     if plan.plain:
         with torch.no_grad():
             return _mse(model(X), Y)
@@ -929,6 +999,13 @@ class StepPlan:
     members: int = 1  # K for an ensemble (a StackedMLP): data, losses and weights gain a member axis
     member_lr: torch.Tensor | None = None  # (K,) each member's learning rate over the recipe's
     _buffers: tuple = ()
+    _said: set = field(default_factory=set)
+
+    def note(self, message: str) -> None:
+        """A line for the run's output, once per run (the reporter's log: only the main process prints)."""
+        if message not in self._said:
+            self._said.add(message)
+            self.guard.log(message)
 
     @property
     def loss_shape(self) -> tuple:

@@ -87,10 +87,21 @@ def _rng_info(tensors: dict) -> dict:
     return {"numpy": [name, pos, has_gauss, cached], "python": [version, gauss_next]}
 
 
-def part(state: State, prefix: str) -> dict:
-    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place)."""
+def part(state: State, prefix: str, like: dict | None = None) -> dict:
+    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place).
+
+    A state read from disk holds CPU tensors. With ``like`` (the live model's ``state_dict()``) each
+    tensor is copied to the device of the live tensor of the same name, so that a restore keeps every
+    tensor where the model is (a resumed GPU run compares its frozen weights on the GPU).
+    """
     start = prefix + "/"
-    return {k[len(start):]: v.clone() for k, v in state.tensors.items() if k.startswith(start)}
+    like = like or {}
+    out = {}
+    for key, value in state.tensors.items():
+        if key.startswith(start):
+            name = key[len(start):]
+            out[name] = value.to(like[name].device, copy=True) if name in like else value.clone()
+    return out
 
 
 def unpacked(state: State, key: str):
@@ -216,7 +227,7 @@ class Saver:
         if self._requested() is not None:
             self._stop(self.capture(position, self.perm, total))
         # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
-        if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
+        if self.write_here and bool(torch.isfinite(total).all()):  # the checkpoint's one host sync
             self.write(self.capture(position, self.perm, total))
 
     def epoch_end(self, state: State) -> None:
