@@ -143,3 +143,17 @@ def test_time_budget_is_shared_out_over_the_rungs():
     assert sweeps._budgets(3, False) == [(3, 1 / 3), (1, 1.0)]
     assert 0 < result.best.config.time_budget <= 30
     assert result.best.config.time_budget >= 30 / 2 / 3
+
+
+def test_learning_rates_of_one_shape_train_stacked(tmp_path):
+    result = nnfit.sweep(**{**SMALL, "epochs": 3}, optimizer="adam", lr="3e-3,1e-2", hidden="8:12", quiet=True,
+                         exhaustive=True, out=str(tmp_path / "run"))
+    assert len(result.rows) == 4
+    assert all("stacked with 1 other learning rate" in r["recipe"] for r in result.rows)
+    lrs = {(r["hidden"], r["lr"]) for r in result.rows}
+    assert lrs == {("8", 3e-3), ("8", 1e-2), ("12", 3e-3), ("12", 1e-2)}
+    winner = next(r for r in result.rows if r["selected"])
+    assert winner["val_loss"] == min(r["val_loss"] for r in result.rows)
+    loaded = nnfit.load(tmp_path / "run")
+    assert loaded.members == 1 and loaded.config.lr == winner["lr"]
+    assert np.array_equal(loaded.predict([[0.25]]), result.best.predict([[0.25]]))

@@ -251,9 +251,10 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
 
 
 def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
-         scaling: Scaling | None = None, problem: Problem | None = None) -> FittedModel:
+         scaling: Scaling | None = None, problem: Problem | None = None, member_lrs=None) -> FittedModel:
     """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit.
-    ``problem``: samples already built (a sweep builds them once for all its configurations)."""
+    ``problem``: samples already built (a sweep builds them once for all its configurations);
+    ``member_lrs``: an ensemble's learning rate per member (a sweep's configurations of one shape)."""
     started = time.perf_counter()
     problem = problem or build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
@@ -299,7 +300,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(data_line)
     saver = _saver(config, ctx, problem, user_model) if config.out else None
     try:
-        result = train(module, data, config, reporter, ctx, saver)
+        result = train(module, data, config, reporter, ctx, saver, member_lrs=member_lrs)
     except TrainingDiverged as exc:
         raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 

@@ -8,6 +8,11 @@ of an ordinary run. A 12-configuration sweep then costs about 2.6 full runs of t
 instead of 12; ``exhaustive=True`` trains every configuration to the end. ``time_budget`` bounds the
 whole sweep's seconds (bench/sweep.py measures both against one default run).
 
+Configurations of one shape (widths, depth, activation) that differ in their learning rate and train
+with a first-order optimizer (Adam, AdamW, SGD) train together, as the members of one stacked model with
+a learning rate per member (the ensemble core's ``member_lrs``); the rest train one by one. L-BFGS runs
+are never stacked: its line search takes one step for all parameters.
+
 The test points are never used to choose: they are reported, not compared.
 """
 
@@ -239,8 +244,11 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                 left = config.time_budget - (time.perf_counter() - started)
                 share = config.time_budget / len(budgets) / keep
                 seconds = max(left / keep, share) if rung == len(budgets) - 1 else share
-            for trial in alive:
-                _train_trial(trial, rung, fraction, seconds, problem, n_train, ctx, reporter)
+            for group in _groups(alive, problem, n_train):
+                if len(group) > 1:
+                    _train_stacked(group, rung, fraction, seconds, problem, n_train, ctx, reporter)
+                else:
+                    _train_trial(group[0], rung, fraction, seconds, problem, n_train, ctx, reporter)
             rungs.append({"rung": rung + 1, "configurations": [t.index + 1 for t in alive],
                           "budget": f"1/{round(1 / fraction)}" if fraction < 1 else "full"})
             alive = sorted(alive, key=lambda t: t.val_loss)  # validation only: the test points never choose
@@ -335,3 +343,74 @@ def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None
     outcome = f"validation loss {trial.val_loss:.3e}" if fitted is not None else "diverged"
     reporter.log(f"  rung {rung + 1}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
                  f"{config.activation}, {budget.epochs} epochs: {outcome} ({time.perf_counter() - started:.1f} s)")
+
+
+def _recipe(config: Config, problem, n_train: int):
+    from nnfit.model import MLP
+    from nnfit.train import choose_recipe
+
+    n_params = sum(p.numel() for p in MLP(len(problem.input_names), len(problem.target_names),
+                                          config.hidden, config.activation).parameters())
+    return choose_recipe(config, n_train, n_params)
+
+
+def _groups(trials: list[Trial], problem, n_train: int) -> list[list[Trial]]:
+    """Configurations that differ only in their learning rate and train with a first-order optimizer form
+    one group: one stacked computation with a learning rate per member. The rest train one by one."""
+    groups: dict = {}
+    for t in trials:
+        recipe = _recipe(t.config, problem, n_train)
+        stackable = recipe.optimizer != "lbfgs" and not t.settled and t.config.ensemble == 1
+        key = (t.config.hidden, t.config.activation) if stackable else ("alone", t.index)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def _train_stacked(group: list[Trial], rung: int, fraction: float, seconds: float | None, problem, n_train: int,
+                   ctx, reporter) -> None:
+    """Train a group of one shape as the members of one stacked model, each at its own learning rate, then
+    take each member out as its configuration's own model. Each member keeps its own best epoch."""
+    from nnfit import api
+    from nnfit.api import FittedModel
+    from nnfit.metrics import regression_metrics
+    from nnfit.progress import Reporter
+
+    first = group[0].config
+    full = _recipe(first, problem, n_train)
+    lrs = [_recipe(t.config, problem, n_train).lr for t in group]
+    budget = first.replace(ensemble=len(group), lr=lrs[0], epochs=max(1, math.ceil(full.epochs * fraction)),
+                           out=None, plots=False, quiet=True, verbose=False, tensorboard=False,
+                           time_budget=seconds * len(group) if seconds else None)
+    started = time.perf_counter()
+    try:
+        stacked = api._fit(budget, ctx, None, None, Reporter(quiet=True), problem=problem, member_lrs=lrs)
+    except TrainingDiverged:  # one member's divergence stops the group: train them one by one instead
+        for t in group:
+            _train_trial(t, rung, fraction, seconds, problem, n_train, ctx, reporter)
+        return
+    each = (time.perf_counter() - started) / len(group)
+    from nnfit.data import split_indices
+
+    val_idx = split_indices(len(problem.X), first.val_split, first.seed)[1]
+    losses = stacked.summary["ensemble"]["best_val_losses"]
+    for k, t in enumerate(group):
+        single = FittedModel(stacked.module.member(k), stacked.scaling, stacked.input_names, stacked.target_names,
+                             t.config.replace(epochs=budget.epochs, time_budget=budget.time_budget and seconds,
+                                              quiet=t.config.quiet, plots=t.config.plots),
+                             [{**row, "val_loss": row["val_loss"][k] if isinstance(row.get("val_loss"), list)
+                               else row.get("val_loss")} for row in stacked.history])
+        summary = {key: v for key, v in stacked.summary.items() if key != "ensemble"}
+        summary["best_epoch"] = stacked.summary["ensemble"]["best_epochs"][k]
+        summary["recipe"] = summary["recipe"].replace(f"lr {lrs[0]:g}", f"lr {lrs[k]:g}", 1) + \
+            f" (stacked with {len(group) - 1} other learning rate(s))"
+        summary["validation"] = regression_metrics(single.predict_tensor(problem.X[val_idx]), problem.Y[val_idx])
+        if problem.formula is not None:
+            summary["test"] = single.evaluate()
+        summary["stacked"] = (f"trained as member {k + 1} of {len(group)} of one stacked computation (one learning "
+                              "rate each); its metrics.csv holds the members' mean losses per epoch")
+        single.summary = summary
+        t.fitted, t.val_loss, t.rung, t.diverged = single, losses[k], rung, ""
+        t.seconds += each
+        reporter.log(f"  rung {rung + 1}, #{t.index + 1}: lr {lrs[k]:g}, hidden {','.join(map(str, t.config.hidden))}, "
+                     f"{t.config.activation}, {budget.epochs} epochs, stacked with {len(group) - 1} more: "
+                     f"validation loss {t.val_loss:.3e} ({each:.1f} s each)")
