@@ -322,3 +322,115 @@ def test_predict_from_a_table_gives_no_warning(run_dir, tmp_path, capsys):
 def test_float64_on_mps_is_refused(tmp_path, capsys):
     check(capsys, ["train", "--dtype", "float64", "--device", "mps", "--out", str(tmp_path / "o")], 2,
           "not supported on mps", tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 11, items 6 (decompression, wide headers), 7 (signals), 8 (numbers out of range) and 9 (odd
+# arguments). Kept in one section (safety-b) so that it merges cleanly with the run-folder cases above.
+# ---------------------------------------------------------------------------------------------------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nnfit import devices  # noqa: E402
+from nnfit.tables import MAX_COLUMNS  # noqa: E402
+
+TINY = ["--samples", "200", "--test-samples", "200", "--epochs", "2", "--quiet"]
+
+# Runs `nnfit ARGV` in a child process with one function replaced by one that says "BLOCKED" on stderr
+# and sleeps: the test sends a signal at that moment, whatever the machine's speed.
+_DRIVER = """
+import functools, importlib, sys, time
+from nnfit.cli import main
+target, seconds, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+module_name, _, attr = target.partition(":")
+owner = importlib.import_module(module_name)
+*path, name = attr.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+@functools.wraps(original)
+def blocked(*args, **kwargs):
+    print("BLOCKED", file=sys.stderr, flush=True)
+    time.sleep(seconds)
+    return original(*args, **kwargs)
+setattr(owner, name, blocked)
+sys.exit(main(argv))
+"""
+
+
+def _signalled(target, argv, signum=signal.SIGTERM, seconds=60.0, cwd=None):
+    """(exit code, stderr without the marker) of the CLI signalled while ``target`` runs."""
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, target, str(seconds), *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    watchdog = threading.Timer(180, proc.kill)  # a regression fails here instead of hanging the suite
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            if line.strip() == "BLOCKED":
+                proc.send_signal(signum)
+                break
+            seen.append(line)
+        rest = proc.stderr.read()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(seen) + rest
+
+
+def _one_line(err, code):
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nnfit: "), err
+    return lines[0]
+
+
+def test_sigterm_during_data_loading_exits_143(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.api:build_problem", ["train", *TINY, "--out", out])
+    assert code == 143
+    assert "SIGTERM while loading the data: stopped; nothing of this run was saved" in _one_line(err, code)
+    assert not out.exists()
+
+
+def test_sigint_during_data_loading_exits_130(tmp_path):
+    code, err = _signalled("nnfit.api:build_problem", ["train", *TINY, "--out", tmp_path / "run"], signal.SIGINT)
+    assert code == 130 and "SIGINT while loading the data: stopped" in _one_line(err, code)
+
+
+def test_sigterm_during_final_evaluation_exits_143(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.api:FittedModel.evaluate", ["train", *TINY, "--out", out])
+    line = _one_line(err, code)
+    assert code == 143 and "SIGTERM while the final evaluation: stopped" in line
+    assert f"continue with: nnfit resume {out}" in line
+    assert (out / "state.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_sigterm_during_plotting_exits_143_with_the_model_saved(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.report:write_plots", ["train", *TINY, "--out", out])
+    line = _one_line(err, code)
+    assert code == 143 and f"SIGTERM while writing the plots: stopped; the model is saved in {out}" in line
+    assert (out / "model.safetensors").exists() and (out / "summary.json").exists()
+    assert not (out / "fit.png").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the write in progress was undone
+
+
+def test_sigterm_during_saving_finishes_the_write_then_exits_143(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.checkpoint:save_weights", ["train", *TINY, "--out", out], seconds=1.0)
+    line = _one_line(err, code)
+    assert code == 143 and "SIGTERM while saving the run (finished first): stopped" in line
+    for name in ("model.safetensors", "model.json", "config.json", "summary.json", "metrics.csv"):
+        assert (out / name).exists(), name
+    assert main(["evaluate", str(out), "--samples", "100"]) == 0  # the saved run is complete and loads
+
+
+def test_sigterm_during_evaluate_command_exits_143(run_dir):
+    code, err = _signalled("nnfit.api:FittedModel.evaluate", ["evaluate", run_dir])
+    assert code == 143 and _one_line(err, code) == "nnfit: SIGTERM: stopped"

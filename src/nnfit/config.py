@@ -313,6 +313,8 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
     flag = meta["flag"] or "--" + name.replace("_", "-")
     kind = meta["kind"]
     try:
+        if kind in ("int", "float", "ints", "strs") and not isinstance(text, str):
+            raise ValueError(text)  # never reached from the CLI, whose parser hands over strings
         if kind == "int":
             return int(text)
         if kind == "float":
@@ -325,7 +327,7 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
             return tuple(_parse_domain(item) for item in text)
         if kind in ("patterns", "unfreeze", "lr_for"):
             return _parse_items(name, flag, text, problems)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, OverflowError):
         example = {"int": "an integer", "float": "a number", "ints": "integers such as 100,100",
                    "domain": "NAME=LOW:HIGH such as x=0:1, with numbers or pi, -pi, 2pi, e as bounds"}.get(kind, "a value")
         problems.append(f"{flag} must be {example}, got {text!r}")
@@ -340,7 +342,7 @@ def _parse_items(name: str, flag: str, items, problems: list[str]) -> tuple:
     for item in items:
         try:
             out += normalize(name, [item])
-        except (ValueError, NnfitError):
+        except (ValueError, TypeError, OverflowError, NnfitError):
             problems.append(f"{flag} must be {example[FIELDS[name].metadata['kind']]}, got {item!r}")
     return tuple(out)
 
