@@ -22,6 +22,8 @@ DTYPES = ("float32", "float64")
 NONFINITE = ("drop", "error")
 DATA_ON = ("auto", "device", "cpu")
 PRECISIONS = ("32", "bf16", "16-mixed")
+INT64_MAX = 2**63 - 1
+MAX_THREADS = 1024  # CPU threads or worker processes: more is a typo, not a machine
 
 
 def _opt(help: str, *, kind: str = "str", group: str = "training", choices=None, flag=None, cli=True):
@@ -156,6 +158,12 @@ class Config:
         for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
                      "min_batch_size", "threads", "checkpoint_every"):
             positive(name, getattr(self, name))
+        for name, most in (*((n, INT64_MAX) for n in ("samples", "test_samples", "epochs", "batch_size", "patience",
+                                                       "log_every", "min_batch_size", "checkpoint_every", "seed")),
+                           ("threads", MAX_THREADS), ("devices", MAX_THREADS)):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > most:  # torch takes 64-bit integers; threads are OS threads
+                p.append(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
