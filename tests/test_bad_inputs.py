@@ -552,3 +552,16 @@ def test_inspect_into_a_closed_pipe_exits_quietly(run_dir):
     proc = subprocess.run(["bash", "-c", f"{sys.executable} -m nnfit inspect {run_dir} | head -c 1 >/dev/null; "
                            "exit ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["train", "--seed", "9" * 30], "--seed must be at most 9223372036854775807"),
+    (["train", "--threads", "9" * 30], "--threads must be at most 1024"),
+    (["train", "--devices", "9" * 30], "--devices must be at most 1024"),
+])
+def test_integers_beyond_what_torch_takes(argv, phrase, tmp_path, capsys):
+    check(capsys, [*argv, "--out", str(tmp_path / "o")], 2, phrase, out=tmp_path / "o")
+
+
+def test_evaluate_seed_beyond_64_bits(run_dir, capsys):
+    check(capsys, ["evaluate", str(run_dir), "--seed", "9" * 30], 2, "--seed must be 0 or more and at most")

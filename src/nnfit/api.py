@@ -14,7 +14,7 @@ import torch
 
 import nnfit
 from nnfit import checkpoint, devices, freeze, trainstate
-from nnfit.config import Config
+from nnfit.config import INT64_MAX, Config
 from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
                         split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
@@ -95,8 +95,8 @@ class FittedModel:
         formula run with neither, on fresh points drawn from the domain."""
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
+            raise NnfitError(f"--seed must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
