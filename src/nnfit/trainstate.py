@@ -163,9 +163,10 @@ def handling_signals(echo_seconds: float = 0.0):
 @contextlib.contextmanager
 def phase(name: str, deferred: bool = False, kept=""):
     """Name what the process is doing, for the line a stop signal prints; ``kept`` (a text, or a function
-    that returns one when the signal comes) says what a stop leaves behind. In a ``deferred`` phase (training, which polls ``STOP`` and saves its state; saving a
-    run, whose files must be complete) a signal waits for the phase to end; in any other phase it stops
-    the process at once, and an atomic write in progress removes its temporary file."""
+    that returns one when the signal comes) says what a stop leaves behind. In a ``deferred`` phase
+    (training, which polls ``STOP`` and saves its state; saving a run, whose files must be complete) a
+    signal waits for the phase to end; in any other phase it stops the process at once, and an atomic
+    write in progress removes its temporary file."""
     outer = STOP.phase, STOP.deferred, STOP.kept
     if STOP.signal is not None and not deferred:  # a signal deferred by an enclosing phase: stop now
         raise _stopped(STOP.signal, STOP.phase, STOP.kept)
