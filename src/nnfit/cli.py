@@ -202,6 +202,7 @@ def _stop_on_signals(workers: int):
 
 
 def _report(model, config, command: str) -> int:
+    from nnfit.devices import describe_peak
     from nnfit.report import metrics_table
 
     if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
@@ -226,7 +227,7 @@ def _report(model, config, command: str) -> int:
         print(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to its last "
               f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
-        print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
+        print(f"peak memory: {describe_peak(s['peak_memory'])}")
     written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
     tutorial = config.formula == "x**2 + x" and config.domain == (("x", 0.0, 1.0),) and config.data is None
