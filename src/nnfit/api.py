@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import time
@@ -13,8 +14,9 @@ import torch
 
 import nnfit
 from nnfit import checkpoint, devices, freeze, trainstate
-from nnfit.config import Config
-from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
+from nnfit.config import INT64_MAX, Config
+from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
+                        split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import ensemble_metrics, regression_metrics
@@ -129,8 +131,8 @@ class FittedModel:
                              "model is a single network; train with ensemble=K (K >= 2, CLI: --ensemble K)")
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
+            raise NnfitError(f"--seed must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
@@ -172,6 +174,21 @@ class FittedModel:
         from nnfit import report
 
         out = Path(out)
+        with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
+                              kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
+            self._save_files(out)
+        if plots:
+            from nnfit import html_report
+
+            with trainstate.phase("writing the plots", kept=f"the model is saved in {out}, without its plots"):
+                report.write_plots(out, self, problem)
+                html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
+        self.path = out
+        return out
+
+    def _save_files(self, out: Path) -> None:
+        from nnfit import report
+
         state = self.module.state_dict()
         meta = {
             "nnfit_version": nnfit.__version__,
@@ -188,13 +205,6 @@ class FittedModel:
             checkpoint.write_json(out / "summary.json", self.summary)
         if self.history:
             report.write_metrics_csv(out / "metrics.csv", self.history)
-        if plots:
-            from nnfit import html_report
-
-            report.write_plots(out, self, problem)
-            html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
-        self.path = out
-        return out
 
 
 def _squeezed(pred: np.ndarray) -> np.ndarray:
@@ -243,7 +253,8 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         with warnings.catch_warnings():
             if not ctx.is_main:
                 warnings.simplefilter("ignore", NnfitWarning)
-            fitted = _fit(config, ctx, frame, model, reporter)
+            with trainstate.phase("preparing the run", kept=functools.partial(_kept_after_stop, config.out)):
+                fitted = _fit(config, ctx, frame, model, reporter)
         failed = False
         return fitted
     finally:
@@ -256,9 +267,14 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     ``problem``: samples already built (a sweep builds them once for all its configurations);
     ``member_lrs``: an ensemble's learning rate per member (a sweep's configurations of one shape)."""
     started = time.perf_counter()
-    problem = problem or build_problem(config, frame)
+    kept = functools.partial(_kept_after_stop, config.out)
+    with trainstate.phase("loading the data", kept=kept):
+        problem = problem or build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
+    dtype_name = dtype_for_values(problem, config.dtype, config.precision, ctx.device)
+    if dtype_name != config.dtype:
+        config = config.replace(dtype=dtype_name)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
     init = checkpoint.load_weights(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
@@ -300,13 +316,16 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(data_line)
     saver = _saver(config, ctx, problem, user_model) if config.out else None
     try:
-        result = train(module, data, config, reporter, ctx, saver, member_lrs=member_lrs)
+        with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
+            result = train(module, data, config, reporter, ctx, saver, member_lrs=member_lrs)
     except TrainingDiverged as exc:
         raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
-    validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
-        if len(val_idx) else None
+    with trainstate.phase("the final evaluation", kept=kept):
+        validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
+            if len(val_idx) else None
+        test = fitted.evaluate() if problem.formula is not None else None
     summary = {
         "nnfit_version": nnfit.__version__,
         "source": problem.source,
@@ -323,7 +342,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "validation": validation,
     }
     if problem.formula is not None:
-        summary["test"] = fitted.evaluate()
+        summary["test"] = test
         summary["test_samples"] = config.test_samples
     if init is not None:
         summary["init_from"] = before
@@ -339,6 +358,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
+    _require_finite_metrics(summary, config)
     if result.rollbacks:
         summary["rollbacks"] = result.rollbacks
     if result.member_best_epochs:
@@ -348,8 +368,29 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
         fitted.save(config.out, plots=config.plots, problem=problem)
-        checkpoint.remove_state(config.out)  # the finished model replaces the training state
+        with trainstate.phase("saving the run", deferred=True):
+            checkpoint.remove_state(config.out)  # the finished model replaces the training state
     return fitted
+
+
+def _kept_after_stop(out) -> str:
+    """What a run stopped by a signal before its model was saved leaves behind."""
+    if out and checkpoint.has_state(out):
+        return f"the training state in {out} is intact; continue with: nnfit resume {out}"
+    return "nothing of this run was saved"
+
+
+def _require_finite_metrics(summary: dict, config: Config) -> None:
+    """A run never reports success with NaN metrics: a NaN or infinite final metric is an error."""
+    for split in ("validation", "test"):
+        bad = {k: v for k, v in (summary.get(split) or {}).items()
+               if isinstance(v, (int, float)) and not np.isfinite(v)}
+        if bad:
+            shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+            kept = f"; the training state in {config.out} is kept, but no model was saved" if config.out else ""
+            raise NnfitError(f"the final {split} metrics of {summary['source']} are not finite ({shown}): the "
+                             f"model's predictions overflow {config.dtype}; rescale the target or pass "
+                             f"--dtype float64{kept}")
 
 
 def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
