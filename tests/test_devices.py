@@ -47,7 +47,7 @@ def test_parse_device_errors(machine, spec, gpus, mps, message):
     machine(gpus, mps)
     with pytest.raises(NnfitError) as err:
         devices.parse_device(spec)
-    assert message in str(err.value)
+    assert message in err.value.cli_message()
 
 
 @pytest.mark.parametrize("spec, n, gpus, expected", [
@@ -75,14 +75,14 @@ def test_parse_devices_errors(machine, spec, n, gpus, mps, message):
     machine(gpus, mps)
     with pytest.raises(NnfitError) as err:
         devices.parse_devices(spec, n)
-    assert message in str(err.value)
+    assert message in err.value.cli_message()
 
 
 def test_too_many_devices_fails_before_starting_workers(machine):
     import nnfit
 
     machine(gpus=2)
-    with pytest.raises(NnfitError, match="--devices 4 asks for 4 GPUs, but this machine has 2: cuda:0, cuda:1"):
+    with pytest.raises(NnfitError, match="devices=4 asks for 4 GPUs, but this machine has 2: cuda:0, cuda:1; use devices=2 or fewer"):
         nnfit.fit(formula="x", domain={"x": (0, 1)}, device="cuda", devices=4)
 
 
@@ -127,8 +127,9 @@ def test_torchrun_context_joins_a_gloo_group_and_cleanup_destroys_it(monkeypatch
 def test_torchrun_context_errors(machine, monkeypatch, env, config, gpus, message):
     machine(gpus)
     _torchrun_env(monkeypatch, **env)
-    with pytest.raises(NnfitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(NnfitError) as err:
         devices.init_context(Config(**config))
+    assert message in err.value.cli_message()
 
 
 def test_bad_torchrun_variable(monkeypatch):
@@ -151,7 +152,7 @@ def test_bad_torchrun_variable(monkeypatch):
 def test_device_settings_are_validated(settings, message):
     with pytest.raises(NnfitError) as err:
         Config(**settings)
-    assert message in str(err.value)
+    assert message in err.value.cli_message()
 
 
 def test_precision_accepts_an_integer_from_python():

@@ -165,6 +165,6 @@ def test_resume_a_table_run_from_another_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert main(["resume", str(tmp_path / "run")]) == 2
-    assert "pass the table's path: nnfit resume RUN --data PATH" in capsys.readouterr().err
+    assert "pass the table's path: --data PATH" in capsys.readouterr().err
     assert main(["resume", str(tmp_path / "run"), "--data", str(start / "t.csv"), "--quiet"]) == 0
     assert (tmp_path / "run" / "model.safetensors").exists()

@@ -16,6 +16,7 @@ from nnfit import checkpoint, devices, freeze, trainstate
 from nnfit.config import Config
 from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
+from nnfit.errors import setting as S
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
@@ -87,14 +88,40 @@ class FittedModel:
         pred = self.predict_tensor(as_matrix(X, self.input_names, allowed_extra=self.target_names)).numpy()
         return pred[:, 0] if pred.shape[1] == 1 else pred
 
+    def predict_frame(self, data, out=None):
+        """Predictions next to their inputs: a DataFrame with the input columns and one ``NAME_pred``
+        column per target. ``data``: a table's path or a DataFrame. ``out`` (.csv or .parquet): also
+        write it there (atomically)."""
+        from nnfit.tables import read_inputs
+
+        frame = read_inputs(data, self.input_names, allowed_extra=self.target_names) \
+            if isinstance(data, (str, Path)) else data  # a DataFrame is checked by predict
+        pred = np.asarray(self.predict(frame[list(self.input_names)])).reshape(len(frame), -1)
+        result = frame.copy()
+        for i, name in enumerate(self.target_names):
+            result[f"{name}_pred"] = pred[:, i]
+        if out is not None:
+            out = str(out)
+            if out.endswith((".parquet", ".pq")):
+                checkpoint.atomic_write_bytes(out, result.to_parquet(index=False))
+            else:
+                checkpoint.atomic_write_bytes(out, result.to_csv(index=False).encode())
+        return result
+
+    def export(self, format: str, out=None) -> Path:
+        """Write a deployable ONNX or TorchScript model (scaling included); see ``nnfit.export.export``."""
+        from nnfit.export import export
+
+        return export(self, format, out)
+
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
                  seed: int | None = None) -> dict[str, float]:
         """Metrics in original units on a table (``data``), on arrays (``X``, ``y``), or for a
         formula run with neither, on fresh points drawn from the domain."""
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
-            raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
+            raise NnfitError(f"{S('samples')} must be a positive integer, got {samples!r}")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
+            raise NnfitError(f"{S('seed')} must be 0 or more, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
@@ -119,7 +146,7 @@ class FittedModel:
             formula = self.formula
             if formula is None:
                 raise NnfitError("this model was trained on a table, so there is no formula to draw test points from; "
-                                 "pass a labelled table: --data FILE (in Python: evaluate(data=...))")
+                                 f"pass a labelled table: {S('data', 'FILE')}")
             n = self.config.test_samples if samples is None else samples
             s = self.config.seed + TEST_SEED_OFFSET if seed is None else seed
             X_t, Y_t = formula_values(formula, sample_domain(self.config.domain, n, s),
@@ -160,7 +187,8 @@ class FittedModel:
 
 
 def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, model=None,
-        config: Config | None = None, reporter: Reporter | None = None, **settings) -> FittedModel:
+        config: Config | None = None, reporter: Reporter | None = None, stop_signals: bool = False,
+        **settings) -> FittedModel:
     """Learn a function from a formula over a domain, or from a table.
 
     Args:
@@ -169,8 +197,10 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         data: a path (.csv, .tsv, .parquet, .npy, .npz) or a pandas DataFrame.
         target, inputs: column names (a list, or a comma-separated string).
         model: your own ``torch.nn.Module`` in place of the built-in MLP.
+        stop_signals: while training, SIGINT and SIGTERM save the training state and raise
+            ``TrainingInterrupted`` (a second one stops at once), as ``nnfit train`` does.
         **settings: any ``Config`` field, named as the CLI option (``epochs``, ``batch_size``, ``lr``, ...).
-            ``out`` writes the run folder there.
+            ``out`` writes the run folder there; ``verbose=True`` prints every epoch and the result.
 
     Returns:
         A FittedModel with ``predict``, ``evaluate`` and ``save``.
@@ -187,25 +217,41 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         config = config.replace(**values, **settings)
     if frame is not None and config.formula is not None:
         raise NnfitError("formula and data were both given; choose one source of samples")
-    if config.devices > 1 and not devices.launched():
-        from nnfit import launch
-
-        return launch.fit_in_workers(config, frame, model)
-    ctx = devices.init_context(config)
-    # Under torch.distributed only rank 0 prints progress and warnings.
-    if not ctx.is_main:
-        reporter = Reporter(quiet=True)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
-    failed = True
-    try:
-        with warnings.catch_warnings():
-            if not ctx.is_main:
-                warnings.simplefilter("ignore", NnfitWarning)
-            fitted = _fit(config, ctx, frame, model, reporter)
-        failed = False
+    launcher = config.devices > 1 and not devices.launched()
+    with _signals(stop_signals and not launcher):  # with --devices N the workers handle them (launch.py)
+        if launcher:
+            from nnfit import launch
+
+            fitted = launch.fit_in_workers(config, frame, model)
+            reporter.result(fitted, config.resume)
+            return fitted
+        ctx = devices.init_context(config)
+        # Under torch.distributed only rank 0 prints progress, warnings and the result.
+        if not ctx.is_main:
+            reporter = Reporter(quiet=True)
+        failed = True
+        try:
+            with warnings.catch_warnings():
+                if not ctx.is_main:
+                    warnings.simplefilter("ignore", NnfitWarning)
+                fitted = _fit(config, ctx, frame, model, reporter)
+            failed = False
+        finally:
+            devices.cleanup_context(ctx, failed)
+        reporter.result(fitted, config.resume)
         return fitted
-    finally:
-        devices.cleanup_context(ctx, failed)
+
+
+def _signals(enabled: bool):
+    """SIGINT and SIGTERM save the training state and stop (exit 130 or 143); a second one stops at once.
+    Under DDP the ranks agree to stop at an epoch end; a worker ignores the echo of the launcher's
+    forwarded signal."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext()
+    return trainstate.handling_signals(trainstate.ECHO_SECONDS if devices.launched() else 0.0)
 
 
 def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
@@ -322,14 +368,14 @@ def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem
     """After a divergence that rollbacks could not cure: save the best weights (the module holds them)."""
     result = exc.result
     if result is None or not result.best_epoch:
-        return TrainingDiverged(f"{exc}; no epoch had improved, so there are no weights to keep", result)
+        return TrainingDiverged(f"{exc.args[0]}; no epoch had improved, so there are no weights to keep", result)
     if not (config.out and ctx.is_main):
         return exc
     summary = {"nnfit_version": nnfit.__version__, "source": problem.source, "stopped": result.stopped,
                "best_epoch": result.best_epoch, "rollbacks": result.rollbacks, "diverged": True}
     FittedModel(module, scaling, problem.input_names, problem.target_names, config.replace(resume=False),
                 result.history, summary).save(config.out, plots=False)
-    return TrainingDiverged(f"{exc}. The best weights (epoch {result.best_epoch}, validation loss "
+    return TrainingDiverged(f"{exc.args[0]}. The best weights (epoch {result.best_epoch}, validation loss "
                             f"{result.best_val_loss:.4e}) are saved in {config.out}", result)
 
 
@@ -341,12 +387,12 @@ def _start_from(module, state, meta, path, input_names) -> None:
         hint = " ".join(f"--{k} {','.join(map(str, theirs[k])) if isinstance(theirs[k], list) else theirs[k]}"
                         for k in ("hidden", "activation") if k in differ and k in theirs)
         raise NnfitError(
-            f"--init-from {path} has a different architecture (they differ in {', '.join(differ)}): "
+            f"{S('init_from', path)} has a different architecture (they differ in {', '.join(differ)}): "
             f"{path}: {_describe(theirs, meta.get('input_names'))}; this run: {_describe(ours, input_names)}. "
             + (f"Pass {hint} to build the same network" if hint
                else "Fine-tune on data with the same inputs and targets"))
     if list(meta.get("input_names", input_names)) != list(input_names):
-        warnings.warn(f"--init-from {path} was trained on inputs ({', '.join(meta['input_names'])}) and this run has "
+        warnings.warn(f"{S('init_from', path)} was trained on inputs ({', '.join(meta['input_names'])}) and this run has "
                       f"({', '.join(input_names)}); the weights are used column by column, in this order",
                       NnfitWarning, stacklevel=3)
     module.load_state_dict(state)
@@ -377,7 +423,7 @@ def _before(module, meta, config: Config, problem: Problem, val_idx) -> dict:
 
 
 def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: bool | None = None,
-           verbose: bool | None = None) -> FittedModel:
+           verbose: bool | None = None, stop_signals: bool = False) -> FittedModel:
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
@@ -389,6 +435,7 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
             from the path in config.json; pass its path here if it moved or the run started elsewhere.
         model: a fresh instance (or the class) of the custom module the run was trained with, if any.
         quiet, verbose: override the run's own progress settings.
+        stop_signals: as for ``fit``.
 
     Returns:
         The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
@@ -402,7 +449,7 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
         config, data = config.replace(data=str(data)), None
     elif data is None and config.data is not None and not Path(config.data).exists():
         raise NnfitError(f"the run's table {config.data} is not found from {Path.cwd()}; run nnfit resume from the "
-                         "folder the run was started in, or pass the table's path: nnfit resume RUN --data PATH")
+                         f"folder the run was started in, or pass the table's path: {S('data', 'PATH')}")
     if data is None and state.info.get("source") == "dataframe":
         raise NnfitError(f"the run in {run} was trained on a DataFrame passed to fit(); pass the same one: "
                          "nnfit.resume(run, data=df)")
@@ -412,7 +459,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     shown = {k: v for k, v in (("quiet", quiet), ("verbose", verbose)) if v is not None}
     if shown:
         config = config.replace(quiet=bool(quiet), verbose=bool(verbose))
-    return fit(data=data, model=model, config=config.replace(resume=True), reporter=reporter)
+    return fit(data=data, model=model, config=config.replace(resume=True), reporter=reporter,
+               stop_signals=stop_signals)
 
 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from nnfit.errors import NnfitError
+from nnfit.errors import setting as S
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -115,7 +116,7 @@ def load_weights(folder) -> tuple[dict, dict]:
     """Read and verify a run folder's weights; returns (state_dict on the CPU, metadata)."""
     folder = Path(folder)
     if not folder.exists():
-        raise NnfitError(f"run folder {folder} does not exist; pass the --out folder of a training run")
+        raise NnfitError(f"run folder {folder} does not exist; pass the {S('out')} folder of a training run")
     if not folder.is_dir():
         raise NnfitError(f"{folder} is not a run folder; pass the folder that holds {META} and {WEIGHTS}")
     meta = read_json(folder / META, "model metadata")
@@ -191,7 +192,7 @@ def read_state(folder) -> tuple[dict, dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise NnfitError(f"run folder {folder} does not exist" if not folder.exists() else
-                         f"{folder} is not a run folder; pass the --out folder of a training run")
+                         f"{folder} is not a run folder; pass the {S('out')} folder of a training run")
     path = folder / STATE
     if not path.exists():
         if (folder / WEIGHTS).exists():

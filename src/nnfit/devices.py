@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 
 from nnfit.errors import NnfitError
+from nnfit.errors import setting as S
 
 DATA_FRACTION = 0.5  # --data-on auto keeps the data on the GPU while it needs at most this share of free memory
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -58,7 +59,7 @@ def parse_device(spec: str) -> torch.device:
         index = int(match.group(1) or 0)
         if count == 0:
             raise NnfitError(f"device {spec!r} was asked for, but this machine has no CUDA GPU; "
-                             f"devices here: {', '.join(available())}. Use --device cpu or auto")
+                             f"devices here: {', '.join(available())}. Use {S('device', 'cpu')} or auto")
         if index >= count:
             raise NnfitError(f"device {spec!r} does not exist: this machine has {count} CUDA GPU(s); "
                              f"devices here: {', '.join(available())}")
@@ -77,18 +78,18 @@ def parse_devices(spec: str, n: int) -> list[torch.device]:
     if n == 1:
         return [base]
     if base.type == "mps":
-        raise NnfitError(f"--devices {n} needs CUDA GPUs or the CPU: torch.distributed has no backend for mps; "
-                         "use --device cpu for CPU processes or --devices 1")
+        raise NnfitError(f"{S('devices', n)} needs CUDA GPUs or the CPU: torch.distributed has no backend for mps; "
+                         f"use {S('device', 'cpu')} for CPU processes or {S('devices', '1')}")
     if base.type == "cpu":
         return [torch.device("cpu")] * n
     if re.fullmatch(r"cuda:\d+", str(spec).strip().lower()):
-        raise NnfitError(f"--device {spec} names one GPU, but --devices {n} uses {n}; "
-                         "pass --device cuda (workers take cuda:0 … cuda:N-1) or --devices 1")
+        raise NnfitError(f"{S('device', spec)} names one GPU, but {S('devices', n)} uses {n}; "
+                         f"pass {S('device', 'cuda')} (workers take cuda:0 … cuda:N-1) or {S('devices', '1')}")
     count = gpu_count()
     if n > count:
-        raise NnfitError(f"--devices {n} asks for {n} GPUs, but this machine has {count}: "
-                         f"{', '.join(f'cuda:{i}' for i in range(count))}; use --devices {count} or fewer, "
-                         f"or --device cpu for {n} CPU processes")
+        raise NnfitError(f"{S('devices', n)} asks for {n} GPUs, but this machine has {count}: "
+                         f"{', '.join(f'cuda:{i}' for i in range(count))}; use {S('devices', count)} or fewer, "
+                         f"or {S('device', 'cpu')} for {n} CPU processes")
     return [torch.device("cuda", i) for i in range(n)]
 
 
@@ -163,15 +164,15 @@ def init_context(config) -> Context:
 
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if config.devices > 1 and config.devices != world:
-        raise NnfitError(f"--devices {config.devices} was given, but torchrun started {world} worker(s); "
-                         f"drop --devices (torchrun already chose the workers) or pass --devices {world}")
+        raise NnfitError(f"{S('devices', config.devices)} was given, but torchrun started {world} worker(s); "
+                         f"drop {S('devices')} (torchrun already chose the workers) or pass {S('devices', world)}")
     spec = str(config.device).strip().lower()
     if re.fullmatch(r"cuda:\d+", spec) and world > 1:
-        raise NnfitError(f"--device {config.device} names one GPU, but under torchrun each worker uses "
-                         "cuda:LOCAL_RANK; pass --device cuda or auto")
+        raise NnfitError(f"{S('device', config.device)} names one GPU, but under torchrun each worker uses "
+                         f"cuda:LOCAL_RANK; pass {S('device', 'cuda')} or auto")
     base = parse_device(config.device if world == 1 or not spec.startswith("cuda") else "cuda")
     if base.type == "mps":
-        raise NnfitError("torch.distributed has no backend for mps; run torchrun with --device cpu")
+        raise NnfitError(f"torch.distributed has no backend for mps; run torchrun with {S('device', 'cpu')}")
     if base.type == "cuda":
         if local_rank >= gpu_count():
             raise NnfitError(f"worker with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but this machine has "
@@ -344,8 +345,8 @@ class MemoryGuard:
         if new < self.min_batch_size:
             raise NnfitError(
                 f"out of memory in {where} on {device} even with a batch of {size} row(s) "
-                f"(the floor is --min-batch-size {self.min_batch_size}); keep the data off the GPU with "
-                "--data-on cpu, use a smaller model (--hidden), or --precision bf16")
+                f"(the floor is {S('min_batch_size', self.min_batch_size)}); keep the data off the GPU with "
+                f"{S('data_on', 'cpu')}, use a smaller model ({S('hidden')}), or {S('precision', 'bf16')}")
         self.retries.append({"where": where, "from": size, "to": new})
         self.log(f"out of memory in {where} with a batch of {size}; retrying with {new} "
                  f"(floor --min-batch-size {self.min_batch_size})")

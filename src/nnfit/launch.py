@@ -89,7 +89,7 @@ def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:
         # Saved: exit 0, so that join() waits for rank 0 to finish writing. At once: stop the others too.
         sys.exit(exc.exit_code if exc.at_once else 0)
     except NnfitError as exc:  # the user's mistake: one line, as in a single process
-        Path(errors, f"{rank}.txt").write_text(str(exc))
+        Path(errors, f"{rank}.txt").write_text(exc.args[0])  # unrendered: the parent renders it
         sys.exit(2)
     except Exception:
         traceback.print_exc()  # a bug: the traceback goes to the terminal, the parent names the worker
@@ -112,7 +112,7 @@ def _failure(exc: ProcessException, n: int, errors: str) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     if issubclass(category, NnfitWarning):
-        print(f"nnfit: warning: {message}", file=sys.stderr)
+        print(f"nnfit: warning: {getattr(message, 'cli_message', message.__str__)()}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -131,7 +131,7 @@ def fit_in_workers(config, frame, model):
                     config.devices)
         fitted = load(out, model=instantiate(model) if model is not None else None)
         fitted.history = _read_history(Path(out) / "metrics.csv")
-        fitted.config = config
+        fitted.config = fitted.config.replace(out=config.out, plots=config.plots)  # as the run's rank 0 had it
         if scratch is not None:
             fitted.path = None
         return fitted
@@ -142,8 +142,11 @@ def fit_in_workers(config, frame, model):
 
 def _fit_worker(rank: int, config, frame, model) -> None:
     from nnfit.api import fit
+    from nnfit.progress import Reporter
 
-    fit(config=config, data=frame, model=model)
+    # The launcher (this process's parent) shows the result, once.
+    fit(config=config, data=frame, model=model,
+        reporter=Reporter(quiet=config.quiet, verbose=config.verbose, results=False))
 
 
 def _read_history(path: Path) -> list[dict]:

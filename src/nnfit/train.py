@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from nnfit import devices, freeze, trainstate
 from nnfit.errors import NnfitError, TrainingDiverged
+from nnfit.errors import setting as S
 
 LBFGS_ITERATIONS_PER_EPOCH = 20
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
@@ -163,9 +164,9 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     recipe = choose_recipe(config, n_train, sum(p.numel() for _, p in named))
     _use_threads(config, recipe, sum(p.numel() for _, p in named), ctx.device)
     if config.lr_for and recipe.optimizer == "lbfgs":
-        raise NnfitError("--lr-for gives parameters their own learning rate, but --optimizer auto chose full-batch "
+        raise NnfitError(f"{S('lr_for')} gives parameters their own learning rate, but {S('optimizer', 'auto')} chose full-batch "
                          "L-BFGS for this small problem, and L-BFGS takes all parameters in one group; "
-                         "pass --optimizer adam, adamw or sgd")
+                         f"pass {S('optimizer', 'adam')}, adamw or sgd")
     optimizer = make_optimizer(freeze.param_groups(named, config.lr_for, recipe.lr), recipe, config)
     rank_batch = _rank_batch(recipe, ctx, reporter)
     steps_per_epoch = 1 if recipe.optimizer == "lbfgs" else \
@@ -364,8 +365,8 @@ def _scale_lr(optimizer, scheduler, factor: float) -> None:
 def _diverged(result: TrainResult, recipe: Recipe) -> None:
     lr = f"it was {recipe.lr:g}, and {MAX_ROLLBACKS} retries halved it down to {recipe.lr * 0.5 ** MAX_ROLLBACKS:g}"
     raise TrainingDiverged(f"training diverged: {result.stopped}, and again after rolling back {MAX_ROLLBACKS} "
-                           f"times with the learning rate halved each time; lower --lr ({lr}), add --grad-clip 1, "
-                           "or try --optimizer adam", result)
+                           f"times with the learning rate halved each time; lower {S('lr')} ({lr}), add {S('grad_clip', '1')}, "
+                           f"or try {S('optimizer', 'adam')}", result)
 
 
 def _verify_frozen(model, start_values, names, when) -> None:
@@ -411,9 +412,9 @@ def _tensorboard(config, ctx):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise NnfitError("--tensorboard needs the tensorboard package, which is not installed; install it with "
+        raise NnfitError(f"{S('tensorboard')} needs the tensorboard package, which is not installed; install it with "
                          "pip install 'nnfit[tensorboard]' (from a clone: pip install -e '.[tensorboard]'), "
-                         "or drop --tensorboard") from None
+                         f"or drop {S('tensorboard')}") from None
     from pathlib import Path
 
     return SummaryWriter(log_dir=str(Path(config.out) / "tb"))
@@ -676,7 +677,7 @@ def _rank_batch(recipe, ctx, reporter) -> int:
         return recipe.batch_size
     if recipe.batch_size < ctx.world_size:
         raise NnfitError(f"the global batch of {recipe.batch_size} is smaller than the {ctx.world_size} workers; "
-                         f"pass --batch-size {ctx.world_size} or more")
+                         f"pass {S('batch_size', ctx.world_size)} or more")
     per_rank = recipe.batch_size // ctx.world_size
     if per_rank * ctx.world_size != recipe.batch_size:
         reporter.log(f"the global batch {recipe.batch_size} is not a multiple of {ctx.world_size} workers: "
