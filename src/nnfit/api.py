@@ -147,10 +147,7 @@ class FittedModel:
             if formula is None:
                 raise NnfitError("this model was trained on a table, so there is no formula to draw test points from; "
                                  f"pass a labelled table: {S('data', 'FILE')}")
-            n = self.config.test_samples if samples is None else samples
-            s = self.config.seed + TEST_SEED_OFFSET if seed is None else seed
-            X_t, Y_t = formula_values(formula, sample_domain(self.config.domain, n, s),
-                                      self.config.nonfinite, "test points")
+            X_t, Y_t = test_points(self.config, formula, samples, seed)
         if Y_t.shape[1] != len(self.target_names):
             raise NnfitError(f"got {Y_t.shape[1]} target column(s), but the model predicts "
                              f"{len(self.target_names)} ({', '.join(self.target_names)})")
@@ -262,6 +259,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
+    if not config.resume:
+        _warn_if_few_rows(config, problem, len(train_idx), len(val_idx))
     init = checkpoint.load_weights(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
         scaling = Scaling.from_dict(init[1]["scaling"])  # fine-tuning keeps the run's units by default
@@ -320,8 +319,11 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "validation": validation,
     }
     if problem.formula is not None:
-        summary["test"] = fitted.evaluate()
+        X_test, Y_test = test_points(config, problem.formula)
+        summary["test"] = fitted.evaluate(X=X_test, y=Y_test)
         summary["test_samples"] = config.test_samples
+        _warn_if_test_is_far_worse(validation, summary["test"], (fitted.predict_tensor(X_test) - Y_test) ** 2,
+                                   len(train_idx))
     if init is not None:
         summary["init_from"] = before
     if result.frozen:
@@ -343,6 +345,56 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         fitted.save(config.out, plots=config.plots, problem=problem)
         checkpoint.remove_state(config.out)  # the finished model replaces the training state
     return fitted
+
+
+def test_points(config: Config, formula, samples: int | None = None, seed: int | None = None):
+    """Fresh points of a formula run's domain, never the training sample: X and the formula's values."""
+    n = config.test_samples if samples is None else samples
+    s = config.seed + TEST_SEED_OFFSET if seed is None else seed
+    return formula_values(formula, sample_domain(config.domain, n, s), config.nonfinite, "test points")
+
+
+# Below MIN_VALIDATION points a validation score says little: the MSE of n points has a relative standard
+# error of about sqrt(2/n) (45% at 10 points), and R² of a single point is undefined (printed as 0).
+MIN_VALIDATION = 10
+# Below MIN_TRAIN_PER_INPUT training rows per input, the samples pin down little of a function between them.
+MIN_TRAIN_PER_INPUT = 10
+
+
+def _warn_if_few_rows(config: Config, problem: Problem, n_train: int, n_val: int) -> None:
+    d = len(problem.input_names)
+    if n_val >= MIN_VALIDATION and n_train >= MIN_TRAIN_PER_INPUT * d:
+        return
+    given = f"{S('samples', config.samples)} gives" if problem.formula is not None else \
+        f"{problem.source} has {n_train + n_val} rows, which give"
+    more = f"raise {S('samples')} to 100 or more" if problem.formula is not None else "use a larger table"
+    warnings.warn(f"{given} {n_train} training row(s) and {n_val} validation row(s): a validation score needs at "
+                  f"least {MIN_VALIDATION} points to mean anything (its R² of one point is 0 by definition), and "
+                  f"{n_train} row(s) pin down little of a function of {d} input(s); {more}", NnfitWarning,
+                  stacklevel=4)
+
+
+def _warn_if_test_is_far_worse(validation, test, test_errors: torch.Tensor, n_train: int) -> None:
+    """A fit that looks good on its validation rows but not on fresh points of the domain: say so, and why.
+    ``test_errors``: the squared error of each test point."""
+    if not validation or not test:
+        return
+    if not (test["r2"] < 0.99 and 1 - test["r2"] > 10 * max(1 - validation["r2"], 1e-12)):
+        return
+    worst = test_errors.flatten().sort(descending=True).values
+    share = float(worst[:max(1, len(worst) // 100)].sum() / worst.sum().clamp_min(1e-300))
+    if share > 0.5:  # errors concentrated in a sliver of the domain: a place where the function blows up
+        why = (f"the worst 1% of the test points carry {share:.0%} of the squared error: the domain holds a "
+               "singularity or a spike (such as 1/x near 0) that the training samples cannot cover; narrow the "
+               "domain to leave it out, or learn a smoother quantity")
+    elif n_train < 100:
+        why = f"{n_train} training rows leave the function unconstrained between them; raise {S('samples')}"
+    else:
+        why = (f"the validation rows miss parts of the domain where the fit is poor; raise {S('samples')} or "
+               "look at fit.png for where the errors are")
+    warnings.warn(f"the test metrics are far worse than validation (R² {test['r2']:.4f} on fresh points of the "
+                  f"domain against {validation['r2']:.4f} on the validation rows, MSE {test['mse']:.3g} against "
+                  f"{validation['mse']:.3g}): {why}", NnfitWarning, stacklevel=4)
 
 
 def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
@@ -415,9 +467,7 @@ def _before(module, meta, config: Config, problem: Problem, val_idx) -> dict:
     if len(val_idx):
         out["validation_before"] = before.evaluate(X=problem.X[val_idx], y=problem.Y[val_idx])
     if problem.formula is not None:
-        X, Y = formula_values(problem.formula, sample_domain(config.domain, config.test_samples,
-                                                             config.seed + TEST_SEED_OFFSET),
-                              config.nonfinite, "test points")
+        X, Y = test_points(config, problem.formula)
         out["test_before"] = before.evaluate(X=X, y=Y)
     return out
 

@@ -20,8 +20,30 @@ REPEATABLE = {"domain": "NAME=LOW:HIGH", "patterns": "PATTERN", "unfreeze": "EPO
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        self._seen = list(sys.argv[1:] if args is None else args)  # for the did-you-mean of error()
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):  # one line and exit 2, like every other user mistake
-        raise NnfitError(f"{message} (see {self.prog} --help)")
+        hint, prog = self._did_you_mean(message)
+        raise NnfitError(f"{message}{hint} (see {prog} --help)")
+
+    def _did_you_mean(self, message: str) -> tuple[str, str]:
+        """The closest option (or command) to a mistyped one, --formla -> --formula; and the help to see."""
+        import difflib
+
+        commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+        parser = next((commands[a] for a in getattr(self, "_seen", []) if a in commands), self)
+        if message.startswith("unrecognized arguments: "):
+            wrong = [t.split("=")[0] for t in message.removeprefix("unrecognized arguments: ").split()
+                     if t.startswith("--")]
+            known = {o.lstrip("-"): o for o in parser._option_string_actions if o.startswith("--")}
+        elif "invalid choice: " in message and commands and parser is self:
+            wrong, known = [message.split("invalid choice: ")[1].split("'")[1]], {c: c for c in commands}
+        else:
+            return "", parser.prog
+        close = [known[m[0]] for w in wrong if (m := difflib.get_close_matches(w.lstrip("-"), known, n=1, cutoff=0.7))]
+        return (f"; did you mean {', '.join(close)}?" if close else ""), parser.prog
 
 
 class _HelpAll(argparse.Action):
@@ -227,6 +249,10 @@ def _parse_inputs(items, names):
             raise NnfitError(f"--input {item!r} must look like NAME=VALUE, e.g. {names[0]}=0.5")
         if name not in names:
             raise NnfitError(f"--input {name!r} is not an input of this model; its inputs are {', '.join(names)}")
+        if "=" in text:  # --input a=0.1,b=0.2: several columns in one --input
+            each = " ".join(f"--input {part.strip()}" for part in item.split(","))
+            raise NnfitError(f"--input {item!r} gives several columns in one --input; repeat --input per column: "
+                             f"{each}")
         try:
             values[name] = [float(v) for v in text.split(",")]
         except ValueError:

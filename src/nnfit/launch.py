@@ -107,7 +107,9 @@ def _failure(exc: ProcessException, n: int, errors: str) -> str:
                 "the other workers were stopped")
     how = f"was killed by signal {exc.signal_name}" if getattr(exc, "signal_name", None) \
         else f"exited with code {exc.exit_code}"
-    return f"worker {rank} of {n} {how}; the other workers were stopped"
+    hint = " (its error is above; from a script, the call to fit must be under 'if __name__ == \"__main__\":')" \
+        if getattr(exc, "exit_code", None) == 1 else ""
+    return f"worker {rank} of {n} {how}{hint}; the other workers were stopped"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -123,6 +125,7 @@ def fit_in_workers(config, frame, model):
     from nnfit.api import load
     from nnfit.model import instantiate
 
+    _check_main_guard(config.devices)
     devices.parse_devices(config.device, config.devices)  # too many GPUs: say so before starting anyone
     scratch = None if config.out else tempfile.mkdtemp(prefix="nnfit-run-")
     out = config.out or scratch
@@ -138,6 +141,30 @@ def fit_in_workers(config, frame, model):
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+MAIN_GUARD = ("fit(devices={n}) starts {n} worker processes, and each one imports your script {script} again; "
+              "without a guard they run it from the top and call fit again. Put the code that calls fit under "
+              "'if __name__ == \"__main__\":' (see docs/distributed.md)")
+
+
+def _check_main_guard(n: int) -> None:
+    """A script that calls fit(devices=N) at its top level, with no ``if __name__ == "__main__":``, would
+    have every spawned worker run it again: say what is missing instead of "worker 1 exited with code 1"."""
+    import inspect
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # a worker importing the script
+        raise NnfitError(MAIN_GUARD.format(n=n, script=script or ""))
+    if not script or not script.endswith(".py") or not os.path.exists(script):
+        return
+    called_from_top = any(f.frame.f_globals is vars(main) and f.function == "<module>" for f in inspect.stack())
+    with open(script, encoding="utf-8", errors="replace") as f:
+        guarded = "__main__" in f.read()
+    if called_from_top and not guarded:
+        raise NnfitError(MAIN_GUARD.format(n=n, script=script))
 
 
 def _fit_worker(rank: int, config, frame, model) -> None:
