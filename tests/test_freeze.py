@@ -102,7 +102,7 @@ def test_patterns_name_exact_parameters_layers_and_globs(pattern, expected):
 
 def test_patterns_that_match_nothing_list_the_names():
     model = MLP(1, 1, hidden=(4,))
-    with pytest.raises(NnfitError, match=r"--freeze 'l9' matches no parameter; the parameters are: "
+    with pytest.raises(NnfitError, match=r"freeze='l9' matches no parameter; the parameters are: "
                                          r"l1\.weight, l1\.bias, l2\.weight, l2\.bias\."):
         freeze.freeze(model, ["l9"])
     with pytest.raises(NnfitError, match="matches no parameter"):

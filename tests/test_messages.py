@@ -139,7 +139,7 @@ def test_few_samples_warn(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--samples", "5", "--epochs", "1", "--no-plots", "--out", str(tmp_path / "r"))
     assert code == 0
     assert ("nnfit: warning: --samples 5 gives 4 training row(s) and 1 validation row(s): a validation score "
-            "needs at least 10 points") in err
+            "needs at least 5 points") in err
 
 
 def test_singularity_in_the_domain_is_named():
