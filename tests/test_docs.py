@@ -292,7 +292,8 @@ def test_fine_tuning_numbers_are_what_the_commands_print(tmp_path, monkeypatch):
     _check_quoted(_text_block_after(ROOT / "README.md", "nnfit inspect runs/tuned\n```"), outputs[1], "README.md")
     _check_quoted(_text_block_after(ROOT / "docs" / "freezing.md", "--init-from runs/base --freeze l1 --out runs/tuned"),
                   outputs[1], "docs/freezing.md")
-    prose = re.search(r"from ([\d.e-]+) to ([\d.e-]+)", (ROOT / "docs" / "freezing.md").read_text())
+    prose = re.search(r"test MSE on \[1, 2\] from (\d+(?:\.\d+)?(?:e-?\d+)?) to (\d+(?:\.\d+)?(?:e-?\d+)?)",
+                      (ROOT / "docs" / "freezing.md").read_text())
     summary = __import__("json").loads((tmp_path / "runs" / "tuned" / "summary.json").read_text())
     assert _close(float(prose.group(1)), summary["init_from"]["test_before"]["mse"], False)
     assert _close(float(prose.group(2)), summary["test"]["mse"], False)
