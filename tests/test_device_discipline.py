@@ -23,6 +23,8 @@ import nnfit
 from nnfit import devices, freeze
 from nnfit.cli import main
 
+# load_state_dict warns about copying into a "meta" parameter; the copy happens (Other.copy_ below).
+pytestmark = pytest.mark.filterwarnings("ignore:.*to a meta parameter.*:UserWarning")
 OTHER = torch.device("meta")  # the one device type torch lets a tensor claim without its runtime
 _TO = {torch.ops.aten._to_copy.default, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout,
        torch.ops.aten.to.dtype, torch.ops.aten.to.other}
