@@ -258,7 +258,7 @@ def test_lr_for_follows_the_one_cycle_schedule_and_applies_to_unfrozen_groups(op
     nnfit.fit(domain={"x": (0, 1)}, model=net, optimizer="adam", lr=1e-3, schedule="onecycle", freeze=["l1"],
               unfreeze_at={2: "l1"}, lr_for={"l1": 1e-2}, epochs=4, batch_size=32, **SMALL)
     groups = optimizers[0].param_groups
-    assert [g["max_lr"] for g in groups] == [1e-3, 1e-2]  # the unfrozen layer got its group and its own peak
+    assert [g["base_lr"] for g in groups] == [1e-3, 1e-2]  # the unfrozen layer got its group and its own peak
     assert groups[1]["params"] == [net.l1.weight, net.l1.bias]
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])  # and it follows the same schedule
 

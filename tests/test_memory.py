@@ -168,8 +168,13 @@ def test_cuda_mixed_precision(precision):
 @pytest.mark.cuda
 def test_cuda_real_oom_recovery_and_streaming_under_a_memory_cap():
     """A real allocation cap: a batch too large for it is halved, and data larger than it is streamed."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
-    cap = 256 * 2**20
+    # The cap counts what this process already holds (earlier tests in the same process): 256 MB on top of it.
+    cap = torch.cuda.memory_reserved() + 256 * 2**20
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
         torch.cuda.empty_cache()

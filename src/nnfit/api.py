@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import time
@@ -13,12 +14,13 @@ import torch
 
 import nnfit
 from nnfit import checkpoint, devices, freeze, trainstate
-from nnfit.config import Config
-from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
+from nnfit.config import INT64_MAX, Config
+from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
+                        split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
-from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
+from nnfit.model import architecture, build_mlp, check_module, instantiate, members, rebuild
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
 
@@ -27,7 +29,11 @@ TEST_SEED_OFFSET = 1_000_003  # fresh test points never coincide with the traini
 
 
 class FittedModel:
-    """A trained network with its scaling, names and provenance. Predictions are in original units."""
+    """A trained network with its scaling, names and provenance. Predictions are in original units.
+
+    An ensemble (``ensemble=K``) holds a ``StackedMLP`` of K members: ``predict`` gives their mean, and
+    ``predict(X, return_std=True)`` also their standard deviation, the ensemble's uncertainty.
+    """
 
     def __init__(self, module, scaling: Scaling, input_names, target_names, config: Config,
                  history=None, summary=None):
@@ -44,7 +50,13 @@ class FittedModel:
         arch = architecture(self.module)
         shape = "→".join(map(str, [arch["inputs"], *arch["hidden"], arch["outputs"]])) if arch["type"] == "mlp" \
             else arch["class"]
-        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)})"
+        ensemble = f", ensemble={self.members}" if self.members > 1 else ""
+        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)}{ensemble})"
+
+    @property
+    def members(self) -> int:
+        """How many networks the model holds: K for an ensemble, else 1."""
+        return members(self.module)
 
     @property
     def formula(self):
@@ -56,7 +68,13 @@ class FittedModel:
         return next(self.module.parameters()).device
 
     def predict_tensor(self, X: torch.Tensor) -> torch.Tensor:
-        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k)."""
+        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k); an ensemble's
+        are the mean over its members."""
+        out = self.member_predictions(X)
+        return out if out.dim() == 2 else out.mean(dim=0)
+
+    def member_predictions(self, X: torch.Tensor) -> torch.Tensor:
+        """Every member's predictions: float64 (K, n, k) for an ensemble, (n, k) for a single network."""
         device = self.device
         dtype = next(self.module.parameters()).dtype
         x_mean, x_std, y_mean, y_std = self.scaling.tensors(device, dtype)
@@ -68,7 +86,7 @@ class FittedModel:
             while i < len(X):
                 try:
                     xb = (X[i:i + chunk].to(device=device, dtype=dtype) - x_mean) / x_std
-                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))
+                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))  # (b, k) or (K, b, k)
                 except RuntimeError as exc:
                     if not devices.is_out_of_memory(exc):
                         raise
@@ -77,15 +95,27 @@ class FittedModel:
                     chunk = self._chunk = guard.halve(chunk, "prediction", device)
                     continue
                 i += chunk
-        return torch.cat(out) if out else torch.empty(0, len(self.target_names), dtype=torch.float64)
+        if not out:
+            empty = (0, len(self.target_names))
+            return torch.empty(empty if self.members == 1 else (self.members, *empty), dtype=torch.float64)
+        return torch.cat(out, dim=-2)
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, return_std: bool = False):
         """Predict for ``X`` (numpy array, DataFrame with the input columns, or tensor).
 
-        Returns shape (n,) for one target and (n, k) for several, in original units.
+        Returns shape (n,) for one target and (n, k) for several, in original units: for an ensemble,
+        the mean of its members. With ``return_std=True`` (ensembles only), returns ``(mean, std)``, std
+        being the members' standard deviation (with Bessel's correction) per sample and target.
         """
-        pred = self.predict_tensor(as_matrix(X, self.input_names, allowed_extra=self.target_names)).numpy()
-        return pred[:, 0] if pred.shape[1] == 1 else pred
+        if return_std and self.members == 1:
+            raise NnfitError("return_std=True asks for the spread of an ensemble's members, but this model is a "
+                             "single network, so there is no spread to give; train with ensemble=K (K >= 2, "
+                             "CLI: --ensemble K)")
+        out = self.member_predictions(as_matrix(X, self.input_names, allowed_extra=self.target_names))
+        mean = (out if out.dim() == 2 else out.mean(dim=0)).numpy()
+        if not return_std:
+            return _squeezed(mean)
+        return _squeezed(mean), _squeezed(out.std(dim=0).numpy())
 
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
                  seed: int | None = None) -> dict[str, float]:
@@ -93,8 +123,8 @@ class FittedModel:
         formula run with neither, on fresh points drawn from the domain."""
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
+            raise NnfitError(f"--seed must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
@@ -134,6 +164,21 @@ class FittedModel:
         from nnfit import report
 
         out = Path(out)
+        with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
+                              kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
+            self._save_files(out)
+        if plots:
+            from nnfit import html_report
+
+            with trainstate.phase("writing the plots", kept=f"the model is saved in {out}, without its plots"):
+                report.write_plots(out, self, problem)
+                html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
+        self.path = out
+        return out
+
+    def _save_files(self, out: Path) -> None:
+        from nnfit import report
+
         state = self.module.state_dict()
         meta = {
             "nnfit_version": nnfit.__version__,
@@ -150,13 +195,10 @@ class FittedModel:
             checkpoint.write_json(out / "summary.json", self.summary)
         if self.history:
             report.write_metrics_csv(out / "metrics.csv", self.history)
-        if plots:
-            from nnfit import html_report
 
-            report.write_plots(out, self, problem)
-            html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
-        self.path = out
-        return out
+
+def _squeezed(pred: np.ndarray) -> np.ndarray:
+    return pred[:, 0] if pred.shape[1] == 1 else pred
 
 
 def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, model=None,
@@ -201,7 +243,8 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         with warnings.catch_warnings():
             if not ctx.is_main:
                 warnings.simplefilter("ignore", NnfitWarning)
-            fitted = _fit(config, ctx, frame, model, reporter)
+            with trainstate.phase("preparing the run", kept=functools.partial(_kept_after_stop, config.out)):
+                fitted = _fit(config, ctx, frame, model, reporter)
         failed = False
         return fitted
     finally:
@@ -212,9 +255,14 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
          scaling: Scaling | None = None) -> FittedModel:
     """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit."""
     started = time.perf_counter()
-    problem = build_problem(config, frame)
+    kept = functools.partial(_kept_after_stop, config.out)
+    with trainstate.phase("loading the data", kept=kept):
+        problem = build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
+    dtype_name = dtype_for_values(problem, config.dtype, config.precision, ctx.device)
+    if dtype_name != config.dtype:
+        config = config.replace(dtype=dtype_name)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
     init = checkpoint.load_weights(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
@@ -223,6 +271,10 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     dtype = getattr(torch, config.dtype)
 
     torch.manual_seed(config.seed)
+    if user_model is not None and config.ensemble > 1:
+        raise NnfitError(f"--ensemble {config.ensemble} stacks K copies of nnfit's own MLP into one computation, "
+                         f"and a custom module ({type(user_model).__name__}) cannot be stacked; drop ensemble=, "
+                         "or describe the network with --hidden and --activation")
     if user_model is not None:
         user_model = instantiate(user_model)
         check_module(user_model, problem.input_names, problem.target_names, None, None)
@@ -232,7 +284,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if config.freeze:
         freeze.freeze(module, config.freeze)  # before placing: a distributed wrapper must see the final flags
     module = devices.place_model(module, ctx, dtype)
-    check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
+    if user_model is not None:  # nnfit's own MLP (or stacked MLPs) is built to the data's shape
+        check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
 
     devices.reset_peak_memory(ctx)
     nbytes = len(problem.X) * (problem.X.shape[1] + problem.Y.shape[1]) * torch.finfo(dtype).bits // 8
@@ -251,13 +304,16 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(data_line)
     saver = _saver(config, ctx, problem, user_model) if config.out else None
     try:
-        result = train(module, data, config, reporter, ctx, saver)
+        with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
+            result = train(module, data, config, reporter, ctx, saver)
     except TrainingDiverged as exc:
         raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
-    validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
-        if len(val_idx) else None
+    with trainstate.phase("the final evaluation", kept=kept):
+        validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
+            if len(val_idx) else None
+        test = fitted.evaluate() if problem.formula is not None else None
     summary = {
         "nnfit_version": nnfit.__version__,
         "source": problem.source,
@@ -274,7 +330,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "validation": validation,
     }
     if problem.formula is not None:
-        summary["test"] = fitted.evaluate()
+        summary["test"] = test
         summary["test_samples"] = config.test_samples
     if init is not None:
         summary["init_from"] = before
@@ -290,13 +346,39 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
+    _require_finite_metrics(summary, config)
     if result.rollbacks:
         summary["rollbacks"] = result.rollbacks
+    if result.member_best_epochs:
+        summary["ensemble"] = {"members": len(result.member_best_epochs),
+                               "best_epochs": result.member_best_epochs,
+                               "best_val_losses": result.member_best_val_losses}
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
         fitted.save(config.out, plots=config.plots, problem=problem)
-        checkpoint.remove_state(config.out)  # the finished model replaces the training state
+        with trainstate.phase("saving the run", deferred=True):
+            checkpoint.remove_state(config.out)  # the finished model replaces the training state
     return fitted
+
+
+def _kept_after_stop(out) -> str:
+    """What a run stopped by a signal before its model was saved leaves behind."""
+    if out and checkpoint.has_state(out):
+        return f"the training state in {out} is intact; continue with: nnfit resume {out}"
+    return "nothing of this run was saved"
+
+
+def _require_finite_metrics(summary: dict, config: Config) -> None:
+    """A run never reports success with NaN metrics: a NaN or infinite final metric is an error."""
+    for split in ("validation", "test"):
+        bad = {k: v for k, v in (summary.get(split) or {}).items()
+               if isinstance(v, (int, float)) and not np.isfinite(v)}
+        if bad:
+            shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+            kept = f"; the training state in {config.out} is kept, but no model was saved" if config.out else ""
+            raise NnfitError(f"the final {split} metrics of {summary['source']} are not finite ({shown}): the "
+                             f"model's predictions overflow {config.dtype}; rescale the target or pass "
+                             f"--dtype float64{kept}")
 
 
 def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:

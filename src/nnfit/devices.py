@@ -366,6 +366,30 @@ def _format_bytes(n: float) -> str:
 
 # Out of memory.
 
+def free_host_memory() -> int:
+    """Bytes of memory that this process could still allocate: MemAvailable on Linux, the free
+    physical pages elsewhere; a very large number where neither can be read."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_fits_in_memory(nbytes: int, what: str, remedy: str) -> None:
+    """Refuse, before allocating, what cannot fit in the free host memory."""
+    free = free_host_memory()
+    if nbytes > free:
+        raise NnfitError(f"{what} need about {_format_bytes(nbytes)} of memory, more than the "
+                         f"{_format_bytes(free)} free now; {remedy}")
+
+
 _OOM_MESSAGES = ("MPS backend out of memory", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
 
 

@@ -1,7 +1,7 @@
 """The training state: what exact resume and the rollback after a divergence restore.
 
 A ``State`` holds tensors (model, optimizer state, best weights, RNG states, the epoch's
-permutation, the running loss) and JSON-able data (position, schedule, history, early stopping,
+permutation, the running loss) and JSON-able data (position, learning-rate factor, history, early stopping,
 freeze state). ``Saver`` decides when to write it and turns SIGINT/SIGTERM into a saved stop.
 Nothing is pickled: tensors go to safetensors and the rest to JSON (``checkpoint.write_state``).
 """
@@ -44,14 +44,15 @@ class State:
         return f"the end of epoch {p['epoch']}" if p["finished"] else f"epoch {p['epoch']} step {p['step']}"
 
 
-def capture(model, optimizer, scheduler, plan, generator, result, best_state, start_values, position: dict,
+def capture(model, optimizer, lr_factor: float, plan, generator, result, best_state, start_values, position: dict,
             perm=None, total=None) -> State:
-    """A copy of everything the loop needs to continue exactly from ``position``."""
+    """A copy of everything the loop needs to continue exactly from ``position``. The learning rate is a
+    function of ``position["steps"]`` and ``lr_factor`` (halved by each rollback): no scheduler state."""
     tensors: dict = {}
     info = {
         "position": dict(position),
         "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": checkpoint.pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+        "lr_factor": lr_factor,
         "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", tensors) if plan.scaler is not None else None,
         "micro": plan.micro,
         "eval_chunk": plan.eval_chunk,
@@ -59,6 +60,7 @@ def capture(model, optimizer, scheduler, plan, generator, result, best_state, st
         "history": [dict(row) for row in result.history],
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
+        "member_best": [list(result.member_best_epochs), list(result.member_best_val_losses)],  # an ensemble's
         "unfrozen_at": dict(result.unfrozen_at),
         "rollbacks": [dict(r) for r in result.rollbacks],
         "rng": _rng_info(tensors),
@@ -103,7 +105,7 @@ def part(state: State, prefix: str, like: dict | None = None) -> dict:
 
 
 def unpacked(state: State, key: str):
-    """The optimizer's, schedule's or scaler's state_dict, with copies of its tensors."""
+    """The optimizer's or scaler's state_dict, with copies of its tensors."""
     value = state.info.get(key)
     return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
 
@@ -131,10 +133,16 @@ def load(folder) -> State:
 # Stopping on SIGINT and SIGTERM.
 
 class StopRequest:
-    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync)."""
+    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync).
+
+    ``phase`` names what the process is doing (``phase()``); in a ``deferred`` phase a signal is recorded
+    and acted on when the work in progress is complete, in any other it stops the process at once."""
 
     signal: int | None = None
     since: float = 0.0  # when it came (time.monotonic())
+    phase: str = ""
+    deferred: bool = False
+    kept: object = ""  # what a stop in this phase leaves behind, for the message (see ``phase``)
 
 
 STOP = StopRequest()  # process-wide, as signal handlers are
@@ -142,9 +150,10 @@ STOP = StopRequest()  # process-wide, as signal handlers are
 
 @contextlib.contextmanager
 def handling_signals(echo_seconds: float = 0.0):
-    """While active, SIGINT and SIGTERM make training save its state at the next step and raise
-    TrainingInterrupted; a second signal stops at once. Only in the main thread (as Python requires);
-    the CLI uses it, a library caller may.
+    """While active, SIGINT and SIGTERM stop the process with ``TrainingInterrupted`` (exit 130 or 143):
+    at once outside deferred phases, else when the phase's work is done (training saves its state at the
+    next step); a second signal stops at once. Only in the main thread (as Python requires); the CLI
+    uses it, a library caller may.
 
     In a worker, a repeat of the same signal within ``echo_seconds`` (``ECHO_SECONDS``) is not a second
     one: a launcher (``--devices N``, torchrun) forwards the Ctrl-C that the terminal also sent to it."""
@@ -154,12 +163,39 @@ def handling_signals(echo_seconds: float = 0.0):
         if STOP.signal is not None:  # the second one: no more waiting for the step to end
             raise stopped_at_once(signum)
         STOP.signal, STOP.since = signum, time.monotonic()
+        if not STOP.deferred:
+            raise _stopped(signum, STOP.phase, STOP.kept)
 
     try:
         with on_stop_signals(handler):
             yield
     finally:
         STOP.signal = None
+
+
+@contextlib.contextmanager
+def phase(name: str, deferred: bool = False, kept=""):
+    """Name what the process is doing, for the line a stop signal prints; ``kept`` (a text, or a function
+    that returns one when the signal comes) says what a stop leaves behind. In a ``deferred`` phase
+    (training, which polls ``STOP`` and saves its state; saving a run, whose files must be complete) a
+    signal waits for the phase to end; in any other phase it stops the process at once, and an atomic
+    write in progress removes its temporary file."""
+    outer = STOP.phase, STOP.deferred, STOP.kept
+    if STOP.signal is not None and not deferred:  # a signal deferred by an enclosing phase: stop now
+        raise _stopped(STOP.signal, STOP.phase, STOP.kept)
+    STOP.phase, STOP.deferred, STOP.kept = name, deferred, kept
+    try:
+        yield
+    finally:
+        STOP.phase, STOP.deferred, STOP.kept = outer
+    if STOP.signal is not None and deferred:  # it came during the phase, which has now done its work
+        raise _stopped(STOP.signal, f"{name} (finished first)", kept)
+
+
+def _stopped(signum: int, doing: str, kept) -> TrainingInterrupted:
+    kept = kept() if callable(kept) else kept
+    return TrainingInterrupted(f"{signal.Signals(signum).name}{' while ' + doing if doing else ''}: stopped"
+                               f"{'; ' + kept if kept else ''}", 128 + signum)
 
 
 def stopped_at_once(signum: int) -> TrainingInterrupted:
@@ -225,7 +261,7 @@ class Saver:
         if self._requested() is not None:
             self._stop(self.capture(position, self.perm, total))
         # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
-        if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
+        if self.write_here and bool(torch.isfinite(total).all()):  # the checkpoint's one host sync
             self.write(self.capture(position, self.perm, total))
 
     def epoch_end(self, state: State) -> None:
