@@ -216,7 +216,7 @@ class Saver:
         if self._requested() is not None:
             self._stop(self.capture(position, self.perm, total))
         # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
-        if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
+        if self.write_here and bool(torch.isfinite(total).all()):  # the checkpoint's one host sync
             self.write(self.capture(position, self.perm, total))
 
     def epoch_end(self, state: State) -> None:
