@@ -322,3 +322,246 @@ def test_predict_from_a_table_gives_no_warning(run_dir, tmp_path, capsys):
 def test_float64_on_mps_is_refused(tmp_path, capsys):
     check(capsys, ["train", "--dtype", "float64", "--device", "mps", "--out", str(tmp_path / "o")], 2,
           "not supported on mps", tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 11, items 6 (decompression, wide headers), 7 (signals), 8 (numbers out of range) and 9 (odd
+# arguments). Kept in one section (safety-b) so that it merges cleanly with the run-folder cases above.
+# ---------------------------------------------------------------------------------------------------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nnfit import devices  # noqa: E402
+from nnfit.tables import MAX_COLUMNS  # noqa: E402
+
+TINY = ["--samples", "200", "--test-samples", "200", "--epochs", "2", "--quiet"]
+
+# Runs `nnfit ARGV` in a child process with one function replaced by one that says "BLOCKED" on stderr
+# and sleeps: the test sends a signal at that moment, whatever the machine's speed.
+_DRIVER = """
+import functools, importlib, sys, time
+from nnfit.cli import main
+target, seconds, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+module_name, _, attr = target.partition(":")
+owner = importlib.import_module(module_name)
+*path, name = attr.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+@functools.wraps(original)
+def blocked(*args, **kwargs):
+    print("BLOCKED", file=sys.stderr, flush=True)
+    time.sleep(seconds)
+    return original(*args, **kwargs)
+setattr(owner, name, blocked)
+sys.exit(main(argv))
+"""
+
+
+def _signalled(target, argv, signum=signal.SIGTERM, seconds=60.0, cwd=None):
+    """(exit code, stderr without the marker) of the CLI signalled while ``target`` runs."""
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, target, str(seconds), *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    watchdog = threading.Timer(180, proc.kill)  # a regression fails here instead of hanging the suite
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            if line.strip() == "BLOCKED":
+                proc.send_signal(signum)
+                break
+            seen.append(line)
+        rest = proc.stderr.read()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(seen) + rest
+
+
+def _one_line(err, code):
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nnfit: "), err
+    return lines[0]
+
+
+def test_sigterm_during_data_loading_exits_143(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.api:build_problem", ["train", *TINY, "--out", out])
+    assert code == 143
+    assert "SIGTERM while loading the data: stopped; nothing of this run was saved" in _one_line(err, code)
+    assert not out.exists()
+
+
+def test_sigint_during_data_loading_exits_130(tmp_path):
+    code, err = _signalled("nnfit.api:build_problem", ["train", *TINY, "--out", tmp_path / "run"], signal.SIGINT)
+    assert code == 130 and "SIGINT while loading the data: stopped" in _one_line(err, code)
+
+
+def test_sigterm_during_final_evaluation_exits_143(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.api:FittedModel.evaluate", ["train", *TINY, "--out", out])
+    line = _one_line(err, code)
+    assert code == 143 and "SIGTERM while the final evaluation: stopped" in line
+    assert f"continue with: nnfit resume {out}" in line
+    assert (out / "state.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_sigterm_during_plotting_exits_143_with_the_model_saved(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.report:write_plots", ["train", *TINY, "--out", out])
+    line = _one_line(err, code)
+    assert code == 143 and f"SIGTERM while writing the plots: stopped; the model is saved in {out}" in line
+    assert (out / "model.safetensors").exists() and (out / "summary.json").exists()
+    assert not (out / "fit.png").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the write in progress was undone
+
+
+def test_sigterm_during_saving_finishes_the_write_then_exits_143(tmp_path):
+    out = tmp_path / "run"
+    code, err = _signalled("nnfit.checkpoint:save_weights", ["train", *TINY, "--out", out], seconds=1.0)
+    line = _one_line(err, code)
+    assert code == 143 and "SIGTERM while saving the run (finished first): stopped" in line
+    for name in ("model.safetensors", "model.json", "config.json", "summary.json", "metrics.csv"):
+        assert (out / name).exists(), name
+    assert main(["evaluate", str(out), "--samples", "100"]) == 0  # the saved run is complete and loads
+
+
+def test_sigterm_during_evaluate_command_exits_143(run_dir):
+    code, err = _signalled("nnfit.api:FittedModel.evaluate", ["evaluate", run_dir])
+    assert code == 143 and _one_line(err, code) == "nnfit: SIGTERM: stopped"
+
+
+def test_npz_that_expands_a_thousandfold_is_refused_before_decompressing(tmp_path, capsys):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, X=np.zeros((10_000_000, 2)), y=np.zeros(10_000_000))  # 1.3 MB -> 240 MB
+    check(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "out")], 2,
+          "as more is a sign of a decompression bomb", out=tmp_path / "out")
+
+
+def test_npz_whose_header_claims_more_than_the_member_holds(tmp_path, capsys):
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((10**9, 2)))
+    fake = tmp_path / "X.npy"
+    with open(fake, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, header)
+        file.write(b"\0" * 64)
+    path = tmp_path / "liar.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(fake, "X.npy")
+        archive.writestr("y.npy", (tmp_path / "X.npy").read_bytes())
+    check(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "out")], 2, "the file is damaged")
+
+
+def test_csv_header_with_a_million_columns_is_refused(tmp_path, capsys):
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(f"c{i}" for i in range(1_000_000)) + "\n" + ",".join(["1"] * 1_000_000) + "\n")
+    check(capsys, ["train", "--data", str(path), "--target", "c0", "--out", str(tmp_path / "out")], 2,
+          f"has 1,000,000 columns; nnfit fits tables of up to {MAX_COLUMNS:,} columns")
+
+
+def test_repeated_names_among_the_most_columns_allowed_are_found(tmp_path, capsys):
+    names = [f"c{i}" for i in range(MAX_COLUMNS - 1)] + ["c7"]  # linear checks: this takes well under a second
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(names) + "\n" + ",".join(["1"] * MAX_COLUMNS) + "\n")
+    check(capsys, ["train", "--data", str(path), "--target", "c0", "--out", str(tmp_path / "out")], 2,
+          "repeated column names: c7")
+
+
+def test_target_of_1e300_is_refused_with_the_largest_magnitude(tmp_path, capsys):
+    check(capsys, ["train", "--formula", "1e300*x", "--domain", "x=0:1", *TINY, "--out", str(tmp_path / "o")], 2,
+          "e+299 in 'y'; values beyond 1e+150 cannot be fitted", out=tmp_path / "o")
+
+
+def test_exp_100x_trains_in_float64_by_itself(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--formula", "exp(100*x)", "--domain", "x=0:1", *TINY, "--out", str(out)]) == 0
+    _, err = capsys.readouterr()
+    assert "beyond float32's range (values up to 1e+35): training in float64" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(np.isfinite(v) for v in summary["test"].values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float64"
+    assert main(["predict", str(out), "--input", "x=1"]) == 0
+    printed = capsys.readouterr().out.splitlines()[1]
+    assert np.isfinite(float(printed.split(",")[1]))
+
+
+def test_values_beyond_float32_with_mixed_precision_are_refused(tmp_path, capsys):
+    check(capsys, ["train", "--formula", "exp(100*x)", "--domain", "x=0:1", "--precision", "bf16", *TINY,
+                   "--out", str(tmp_path / "o")], 2, "--precision bf16 has no float64 to train in")
+
+
+def test_nan_final_metric_is_an_error_not_a_success(tmp_path, capsys, monkeypatch):
+    from nnfit import api
+
+    monkeypatch.setattr(api, "regression_metrics", lambda pred, true: {"mse": float("nan"), "rmse": 1.0})
+    out = tmp_path / "o"
+    check(capsys, ["train", *TINY, "--out", str(out)], 2, "the final validation metrics of formula 'x**2 + x' "
+          "are not finite (mse nan)")
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("option", ["--threads", "--epochs", "--lr", "--hidden", "--samples", "--batch-size"])
+def test_train_option_given_double_dash_as_its_value(option, tmp_path, capsys):
+    check(capsys, ["train", f"{option}=--", "--out", str(tmp_path / "o")], 2, f"{option} must be")
+
+
+def test_predict_input_given_double_dash(run_dir, capsys):
+    check(capsys, ["predict", str(run_dir), "--input=--"], 2, "--input '--' must look like NAME=VALUE")
+
+
+def test_evaluate_samples_given_double_dash(run_dir, capsys):
+    check(capsys, ["evaluate", str(run_dir), "--samples=--"], 2, "argument --samples: invalid int value: '--'")
+
+
+def test_train_out_under_proc_is_refused(tmp_path, capsys):
+    check(capsys, ["train", *TINY, "--out", "/proc/nnfit-test/x"], 2, "could not create the folder /proc/nnfit-test")
+
+
+def test_export_out_under_proc_is_refused(run_dir, capsys):
+    check(capsys, ["export", str(run_dir), "--format", "torchscript", "--out", "/proc/nope/x.pt"], 2,
+          "could not create the folder /proc/nope to write x.pt")
+
+
+def test_formula_with_a_400_digit_integer(tmp_path, capsys):
+    check(capsys, ["train", "--formula", "1" * 400 + "*x", "--domain", "x=0:1", "--out", str(tmp_path / "o")], 2,
+          "(400 digits) is too large for a floating-point number")
+
+
+def test_evaluate_with_a_billion_samples_names_the_limit(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr(devices, "free_host_memory", lambda: 16 * 1024**3)
+    check(capsys, ["evaluate", str(run_dir), "--samples", "1000000000"], 2,
+          "more than the 16.0 GB free now; the most that fit is about 268,435,456")
+
+
+def test_hidden_widths_that_cannot_fit_in_memory(tmp_path, capsys):
+    check(capsys, ["train", "--hidden", "100000000,100000000", "--out", str(tmp_path / "o")], 2,
+          "makes a network of 10,000,000,400,000,001 parameters")
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(run_dir):
+    # `nnfit inspect RUN | head -1`: the reader goes away after one line.
+    proc = subprocess.run(f"{sys.executable} -m nnfit inspect {run_dir} | head -c 1", shell=True,
+                          capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert proc.stdout == "p" and proc.stderr == ""
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m nnfit inspect {run_dir} | head -c 1 >/dev/null; "
+                           "exit ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["train", "--seed", "9" * 30], "--seed must be at most 9223372036854775807"),
+    (["train", "--threads", "9" * 30], "--threads must be at most 1024"),
+    (["train", "--devices", "9" * 30], "--devices must be at most 1024"),
+])
+def test_integers_beyond_what_torch_takes(argv, phrase, tmp_path, capsys):
+    check(capsys, [*argv, "--out", str(tmp_path / "o")], 2, phrase, out=tmp_path / "o")
+
+
+def test_evaluate_seed_beyond_64_bits(run_dir, capsys):
+    check(capsys, ["evaluate", str(run_dir), "--seed", "9" * 30], 2, "--seed must be 0 or more and at most")

@@ -86,7 +86,7 @@ def test_ensemble_saves_and_loads_bit_identically(ensemble_run):
     model, out = ensemble_run
     arch = json.loads((out / "model.json").read_text())["architecture"]
     assert arch["members"] == 4 and arch["hidden"] == [16, 16]
-    loaded = nnfit.load(out)
+    loaded = nnfit.load(out, device=str(model.device))  # the same device: the same kernels, the same numbers
     assert isinstance(loaded.module, StackedMLP) and loaded.members == 4
     for name, tensor in model.module.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[name].cpu(), tensor.cpu()), name
@@ -133,7 +133,7 @@ def test_member_learning_rates_scale_each_members_step_exactly():
 
 def test_freezing_and_lr_for_apply_to_every_member():
     model = nnfit.fit(ensemble=3, freeze=["l1"], lr_for={"l3": 1e-2}, epochs=3, **ADAM, **SMALL)
-    start = build_mlp(1, 1, Config(ensemble=3, hidden=(16, 16)))
+    start = build_mlp(1, 1, Config(ensemble=3, hidden=(16, 16))).to(model.device)
     assert torch.equal(model.module.l1.weight, start.l1.weight)  # all members' first layers stayed put
     assert not torch.equal(model.module.l2.weight, start.l2.weight)
     assert model.summary["frozen"].startswith("l1.weight, l1.bias")

@@ -151,9 +151,9 @@ def test_signal_saves_the_state_and_resume_finishes_identically(baselines, tmp_p
 def test_a_second_signal_stops_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as caught:
-        with trainstate.handling_signals():
+        with trainstate.handling_signals(), trainstate.phase("training", deferred=True):
             os.kill(os.getpid(), signal.SIGINT)
-            assert trainstate.STOP.signal == signal.SIGINT  # the first one only asks
+            assert trainstate.STOP.signal == signal.SIGINT  # in training, the first one only asks
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(1000):  # the handler runs between bytecodes
                 pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import time
@@ -13,8 +14,9 @@ import torch
 
 import nnfit
 from nnfit import checkpoint, devices, freeze, trainstate
-from nnfit.config import Config
-from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
+from nnfit.config import INT64_MAX, Config
+from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
+                        split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
@@ -121,8 +123,8 @@ class FittedModel:
         formula run with neither, on fresh points drawn from the domain."""
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
+            raise NnfitError(f"--seed must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
@@ -162,6 +164,21 @@ class FittedModel:
         from nnfit import report
 
         out = Path(out)
+        with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
+                              kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
+            self._save_files(out)
+        if plots:
+            from nnfit import html_report
+
+            with trainstate.phase("writing the plots", kept=f"the model is saved in {out}, without its plots"):
+                report.write_plots(out, self, problem)
+                html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
+        self.path = out
+        return out
+
+    def _save_files(self, out: Path) -> None:
+        from nnfit import report
+
         state = self.module.state_dict()
         meta = {
             "nnfit_version": nnfit.__version__,
@@ -178,13 +195,6 @@ class FittedModel:
             checkpoint.write_json(out / "summary.json", self.summary)
         if self.history:
             report.write_metrics_csv(out / "metrics.csv", self.history)
-        if plots:
-            from nnfit import html_report
-
-            report.write_plots(out, self, problem)
-            html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
-        self.path = out
-        return out
 
 
 def _squeezed(pred: np.ndarray) -> np.ndarray:
@@ -233,7 +243,8 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         with warnings.catch_warnings():
             if not ctx.is_main:
                 warnings.simplefilter("ignore", NnfitWarning)
-            fitted = _fit(config, ctx, frame, model, reporter)
+            with trainstate.phase("preparing the run", kept=functools.partial(_kept_after_stop, config.out)):
+                fitted = _fit(config, ctx, frame, model, reporter)
         failed = False
         return fitted
     finally:
@@ -244,9 +255,14 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
          scaling: Scaling | None = None) -> FittedModel:
     """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit."""
     started = time.perf_counter()
-    problem = build_problem(config, frame)
+    kept = functools.partial(_kept_after_stop, config.out)
+    with trainstate.phase("loading the data", kept=kept):
+        problem = build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
+    dtype_name = dtype_for_values(problem, config.dtype, config.precision, ctx.device)
+    if dtype_name != config.dtype:
+        config = config.replace(dtype=dtype_name)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
     init = checkpoint.load_weights(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
@@ -288,13 +304,16 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(data_line)
     saver = _saver(config, ctx, problem, user_model) if config.out else None
     try:
-        result = train(module, data, config, reporter, ctx, saver)
+        with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
+            result = train(module, data, config, reporter, ctx, saver)
     except TrainingDiverged as exc:
         raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
-    validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
-        if len(val_idx) else None
+    with trainstate.phase("the final evaluation", kept=kept):
+        validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
+            if len(val_idx) else None
+        test = fitted.evaluate() if problem.formula is not None else None
     summary = {
         "nnfit_version": nnfit.__version__,
         "source": problem.source,
@@ -311,7 +330,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "validation": validation,
     }
     if problem.formula is not None:
-        summary["test"] = fitted.evaluate()
+        summary["test"] = test
         summary["test_samples"] = config.test_samples
     if init is not None:
         summary["init_from"] = before
@@ -327,6 +346,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
+    _require_finite_metrics(summary, config)
     if result.rollbacks:
         summary["rollbacks"] = result.rollbacks
     if result.member_best_epochs:
@@ -336,8 +356,29 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
         fitted.save(config.out, plots=config.plots, problem=problem)
-        checkpoint.remove_state(config.out)  # the finished model replaces the training state
+        with trainstate.phase("saving the run", deferred=True):
+            checkpoint.remove_state(config.out)  # the finished model replaces the training state
     return fitted
+
+
+def _kept_after_stop(out) -> str:
+    """What a run stopped by a signal before its model was saved leaves behind."""
+    if out and checkpoint.has_state(out):
+        return f"the training state in {out} is intact; continue with: nnfit resume {out}"
+    return "nothing of this run was saved"
+
+
+def _require_finite_metrics(summary: dict, config: Config) -> None:
+    """A run never reports success with NaN metrics: a NaN or infinite final metric is an error."""
+    for split in ("validation", "test"):
+        bad = {k: v for k, v in (summary.get(split) or {}).items()
+               if isinstance(v, (int, float)) and not np.isfinite(v)}
+        if bad:
+            shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+            kept = f"; the training state in {config.out} is kept, but no model was saved" if config.out else ""
+            raise NnfitError(f"the final {split} metrics of {summary['source']} are not finite ({shown}): the "
+                             f"model's predictions overflow {config.dtype}; rescale the target or pass "
+                             f"--dtype float64{kept}")
 
 
 def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
@@ -422,7 +463,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
-    with a fixed seed on the CPU, the final weights are bit-identical to those of an uninterrupted run.
+    with a fixed seed, on the CPU or a CUDA GPU (deterministic kernels), the final weights are
+    bit-identical to those of an uninterrupted run on the same device type.
 
     Args:
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
@@ -459,7 +501,17 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:
     """Load a run folder written by ``fit(..., out=...)``, ``FittedModel.save`` or ``nnfit train``.
 
-    A run trained with a custom module needs that module (freshly built) as ``model``.
+    Args:
+        path: the run folder.
+        model: a fresh instance of the custom module the run was trained with, if any.
+        device: where the loaded model predicts: ``cpu`` (the default), ``auto``, ``cuda``, ``cuda:N``
+            or ``mps``.
+
+    Returns:
+        A FittedModel whose predictions are bit-identical to those of the model that was saved, when
+        both run on the same device. A model trained on a GPU and loaded on the CPU agrees with it to
+        float rounding (the last digit or two): the two devices' kernels sum in different orders.
+        Pass ``device=str(fitted.device)`` for the very same numbers.
     """
     state, meta = checkpoint.load_weights(path)
     arch = meta["architecture"]

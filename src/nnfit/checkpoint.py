@@ -31,6 +31,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that cannot exist (/proc/x, a file in the way, no permission)
+        raise NnfitError(f"could not create the folder {path.parent} to write {path.name}: {_reason(exc)}; "
+                         "choose another place to write") from None
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; the result gets the usual permissions
         with os.fdopen(fd, "wb") as f:

@@ -22,6 +22,27 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other user mistake
         raise NnfitError(f"{message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # Python 3.11's argparse reads "--opt=--" as an empty list (and skips the option's type):
+        # the user gave the text "--", which each option then judges like any other value.
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if value == [] and not isinstance(action, argparse._AppendAction):
+                value = "--" if action.type is None else self._convert(action, "--")
+            elif isinstance(value, list):
+                value = ["--" if v == [] else v for v in value]
+            else:
+                continue
+            setattr(namespace, action.dest, value)
+        return namespace, extras
+
+    def _convert(self, action, text):
+        try:
+            return action.type(text)
+        except (TypeError, ValueError):
+            self.error(f"argument {'/'.join(action.option_strings)}: invalid {action.type.__name__} value: {text!r}")
+
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
@@ -181,6 +202,7 @@ def _stop_on_signals(workers: int):
 
 
 def _report(model, config, command: str) -> int:
+    from nnfit.devices import describe_peak
     from nnfit.report import metrics_table
 
     if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
@@ -205,7 +227,7 @@ def _report(model, config, command: str) -> int:
         print(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to its last "
               f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
-        print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
+        print(f"peak memory: {describe_peak(s['peak_memory'])}")
     written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
     tutorial = config.formula == "x**2 + x" and config.domain == (("x", 0.0, 1.0),) and config.data is None
@@ -320,6 +342,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_showwarning = warnings.showwarning
 
 
+def _silence_closed_pipes() -> None:
+    """Point stdout and stderr at /dev/null, so that flushing them at exit cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # pytest's captured streams have no file descriptor
+            pass
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -331,7 +366,12 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return COMMANDS[args.command](args)
+        from nnfit import trainstate
+
+        # SIGINT and SIGTERM stop every command with one line and exit 130 or 143: at once, or when
+        # the phase in progress (training, saving a run) has done its work (trainstate.phase).
+        with trainstate.handling_signals():
+            return COMMANDS[args.command](args)
     except NnfitError as exc:
         if debug:
             raise
@@ -343,5 +383,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("nnfit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (nnfit inspect RUN | head -1): stop quietly, as Unix tools do
+        _silence_closed_pipes()
+        return 0
     finally:
         warnings.showwarning = previous

@@ -23,6 +23,8 @@ NONFINITE = ("drop", "error")
 DATA_ON = ("auto", "device", "cpu")
 PRECISIONS = ("32", "bf16", "16-mixed")
 CUDA_GRAPH = ("auto", "off")
+INT64_MAX = 2**63 - 1
+MAX_THREADS = 1024  # CPU threads or worker processes: more is a typo, not a machine
 
 
 def _opt(help: str, *, kind: str = "str", group: str = "training", choices=None, flag=None, cli=True):
@@ -164,6 +166,13 @@ class Config:
         for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
                      "ensemble", "min_batch_size", "threads", "checkpoint_every"):
             positive(name, getattr(self, name))
+        for name, most in (*((n, INT64_MAX) for n in ("samples", "test_samples", "epochs", "batch_size", "patience",
+                                                       "log_every", "min_batch_size", "checkpoint_every", "seed",
+                                                       "ensemble")),
+                           ("threads", MAX_THREADS), ("devices", MAX_THREADS)):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > most:  # torch takes 64-bit integers; threads are OS threads
+                p.append(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -321,6 +330,8 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
     flag = meta["flag"] or "--" + name.replace("_", "-")
     kind = meta["kind"]
     try:
+        if kind in ("int", "float", "ints", "strs") and not isinstance(text, str):
+            raise ValueError(text)  # never reached from the CLI, whose parser hands over strings
         if kind == "int":
             return int(text)
         if kind == "float":
@@ -333,7 +344,7 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
             return tuple(_parse_domain(item) for item in text)
         if kind in ("patterns", "unfreeze", "lr_for"):
             return _parse_items(name, flag, text, problems)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, OverflowError):
         example = {"int": "an integer", "float": "a number", "ints": "integers such as 100,100",
                    "domain": "NAME=LOW:HIGH such as x=0:1, with numbers or pi, -pi, 2pi, e as bounds"}.get(kind, "a value")
         problems.append(f"{flag} must be {example}, got {text!r}")
@@ -348,7 +359,7 @@ def _parse_items(name: str, flag: str, items, problems: list[str]) -> tuple:
     for item in items:
         try:
             out += normalize(name, [item])
-        except (ValueError, NnfitError):
+        except (ValueError, TypeError, OverflowError, NnfitError):
             problems.append(f"{flag} must be {example[FIELDS[name].metadata['kind']]}, got {item!r}")
     return tuple(out)
 

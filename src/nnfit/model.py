@@ -8,6 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from nnfit import devices
 from nnfit.errors import NnfitError, NnfitWarning
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
@@ -104,6 +105,12 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
             "--activation none makes the network linear: it can only fit linear functions "
             "(this is the tutorial's bug: its activations are commented out)", NnfitWarning, stacklevel=2)
     members = getattr(config, "ensemble", 1)
+    widths = [n_inputs, *config.hidden, n_outputs]
+    n_params = members * sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    # Weights, gradients, optimizer moments and the loop's snapshots: about 8 copies, checked before allocating.
+    devices.check_fits_in_memory(n_params * 8 * 8, f"--hidden {','.join(map(str, config.hidden))}"
+                                 f"{f' with --ensemble {members}' if members > 1 else ''} makes a network of "
+                                 f"{n_params:,} parameters, which", "use smaller widths")
     if members > 1:
         stacked = StackedMLP(members, n_inputs, n_outputs, config.hidden, config.activation)
         return stacked.init_members([config.seed + k for k in range(members)])

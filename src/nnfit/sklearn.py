@@ -190,6 +190,7 @@ def _pack(fitted) -> dict:
         "weights": save({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}),
         "architecture": architecture(module),
         "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(module.parameters()).device),
         "trainable": [name for name, p in module.named_parameters() if p.requires_grad],
         "scaling": fitted.scaling.to_dict(),
         "input_names": list(fitted.input_names),
@@ -202,17 +203,20 @@ def _pack(fitted) -> dict:
 
 
 def _unpack(packed: dict):
-    """Rebuild a FittedModel from ``_pack``'s output, on the CPU."""
+    """Rebuild a FittedModel from ``_pack``'s output, on the device it was on if that exists here (so a
+    copy predicts exactly as the original), else on the CPU."""
     import torch
     from safetensors.torch import load
 
+    from nnfit import devices
     from nnfit.api import FittedModel
     from nnfit.config import Config
     from nnfit.data import Scaling
     from nnfit.model import rebuild
 
-    module = rebuild(packed["architecture"]).to(getattr(torch, packed["dtype"]))
-    module.load_state_dict(load(packed["weights"]))
+    device = devices.where_it_was(packed.get("device", "cpu"))
+    module = rebuild(packed["architecture"]).to(device=device, dtype=getattr(torch, packed["dtype"]))
+    module.load_state_dict(load(packed["weights"]))  # copied into the parameters, on their device
     trainable = set(packed["trainable"])
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)

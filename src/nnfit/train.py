@@ -532,8 +532,11 @@ class Run:
         """Put the model, optimizer, schedule, RNGs and records back as they were in ``state``; returns
         (epoch, partial): where the loop goes on, and the unfinished epoch's permutation and progress."""
         plan, result = self.plan, self.result
+        live = freeze.unwrap(self.model).state_dict()
         freeze.unwrap(self.model).load_state_dict(trainstate.part(state, "model"))
-        self.start_values, self.best_state = trainstate.part(state, "start"), trainstate.part(state, "best")
+        # A state read from disk is on the CPU: the start and best weights go back to the model's device.
+        self.start_values = trainstate.part(state, "start", live)
+        self.best_state = trainstate.part(state, "best", live)
         position = state.position
         self.optimizer = _rebuild(self.model, self.frozen_at_start, self.unfreeze_at, position["epoch"], self.recipe,
                                   self.config)

@@ -87,10 +87,21 @@ def _rng_info(tensors: dict) -> dict:
     return {"numpy": [name, pos, has_gauss, cached], "python": [version, gauss_next]}
 
 
-def part(state: State, prefix: str) -> dict:
-    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place)."""
+def part(state: State, prefix: str, like: dict | None = None) -> dict:
+    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place).
+
+    A state read from disk holds CPU tensors. With ``like`` (the live model's ``state_dict()``) each
+    tensor is copied to the device of the live tensor of the same name, so that a restore keeps every
+    tensor where the model is (a resumed GPU run compares its frozen weights on the GPU).
+    """
     start = prefix + "/"
-    return {k[len(start):]: v.clone() for k, v in state.tensors.items() if k.startswith(start)}
+    like = like or {}
+    out = {}
+    for key, value in state.tensors.items():
+        if key.startswith(start):
+            name = key[len(start):]
+            out[name] = value.to(like[name].device, copy=True) if name in like else value.clone()
+    return out
 
 
 def unpacked(state: State, key: str):
@@ -122,10 +133,16 @@ def load(folder) -> State:
 # Stopping on SIGINT and SIGTERM.
 
 class StopRequest:
-    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync)."""
+    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync).
+
+    ``phase`` names what the process is doing (``phase()``); in a ``deferred`` phase a signal is recorded
+    and acted on when the work in progress is complete, in any other it stops the process at once."""
 
     signal: int | None = None
     since: float = 0.0  # when it came (time.monotonic())
+    phase: str = ""
+    deferred: bool = False
+    kept: object = ""  # what a stop in this phase leaves behind, for the message (see ``phase``)
 
 
 STOP = StopRequest()  # process-wide, as signal handlers are
@@ -133,9 +150,10 @@ STOP = StopRequest()  # process-wide, as signal handlers are
 
 @contextlib.contextmanager
 def handling_signals(echo_seconds: float = 0.0):
-    """While active, SIGINT and SIGTERM make training save its state at the next step and raise
-    TrainingInterrupted; a second signal stops at once. Only in the main thread (as Python requires);
-    the CLI uses it, a library caller may.
+    """While active, SIGINT and SIGTERM stop the process with ``TrainingInterrupted`` (exit 130 or 143):
+    at once outside deferred phases, else when the phase's work is done (training saves its state at the
+    next step); a second signal stops at once. Only in the main thread (as Python requires); the CLI
+    uses it, a library caller may.
 
     In a worker, a repeat of the same signal within ``echo_seconds`` (``ECHO_SECONDS``) is not a second
     one: a launcher (``--devices N``, torchrun) forwards the Ctrl-C that the terminal also sent to it."""
@@ -145,12 +163,39 @@ def handling_signals(echo_seconds: float = 0.0):
         if STOP.signal is not None:  # the second one: no more waiting for the step to end
             raise stopped_at_once(signum)
         STOP.signal, STOP.since = signum, time.monotonic()
+        if not STOP.deferred:
+            raise _stopped(signum, STOP.phase, STOP.kept)
 
     try:
         with on_stop_signals(handler):
             yield
     finally:
         STOP.signal = None
+
+
+@contextlib.contextmanager
+def phase(name: str, deferred: bool = False, kept=""):
+    """Name what the process is doing, for the line a stop signal prints; ``kept`` (a text, or a function
+    that returns one when the signal comes) says what a stop leaves behind. In a ``deferred`` phase
+    (training, which polls ``STOP`` and saves its state; saving a run, whose files must be complete) a
+    signal waits for the phase to end; in any other phase it stops the process at once, and an atomic
+    write in progress removes its temporary file."""
+    outer = STOP.phase, STOP.deferred, STOP.kept
+    if STOP.signal is not None and not deferred:  # a signal deferred by an enclosing phase: stop now
+        raise _stopped(STOP.signal, STOP.phase, STOP.kept)
+    STOP.phase, STOP.deferred, STOP.kept = name, deferred, kept
+    try:
+        yield
+    finally:
+        STOP.phase, STOP.deferred, STOP.kept = outer
+    if STOP.signal is not None and deferred:  # it came during the phase, which has now done its work
+        raise _stopped(STOP.signal, f"{name} (finished first)", kept)
+
+
+def _stopped(signum: int, doing: str, kept) -> TrainingInterrupted:
+    kept = kept() if callable(kept) else kept
+    return TrainingInterrupted(f"{signal.Signals(signum).name}{' while ' + doing if doing else ''}: stopped"
+                               f"{'; ' + kept if kept else ''}", 128 + signum)
 
 
 def stopped_at_once(signum: int) -> TrainingInterrupted:
