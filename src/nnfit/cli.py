@@ -156,11 +156,11 @@ def cmd_train(args) -> int:
 
 def cmd_resume(args) -> int:
     import nnfit
-    from nnfit.checkpoint import read_json
+    from nnfit.runfolder import STATE, read_json
 
     try:
-        workers = int(read_json(Path(args.run) / "config.json").get("devices", 1))
-    except (NnfitError, AttributeError, TypeError, ValueError):
+        workers = int(read_json(args.run, STATE)["config"]["devices"])
+    except (NnfitError, LookupError, TypeError, ValueError):
         workers = 1  # nnfit.resume reports what is wrong with the run folder
     with _stop_on_signals(workers):
         model = nnfit.resume(args.run, data=args.data, quiet=args.quiet, verbose=args.verbose)
@@ -206,7 +206,9 @@ def _report(model, config, command: str) -> int:
               f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
         print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
-    written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
+    from nnfit.runfolder import is_run_file
+
+    written = sorted(p.name for p in Path(config.out).iterdir() if is_run_file(p.name) and not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
     tutorial = config.formula == "x**2 + x" and config.domain == (("x", 0.0, 1.0),) and config.data is None
     if command in ("demo", "train") and tutorial and config.activation != "none" and not config.quiet \
@@ -237,7 +239,9 @@ def cmd_predict(args) -> int:
         out[f"{name}_pred"] = pred[:, i]
     if args.out:
         from nnfit.checkpoint import atomic_write_bytes
+        from nnfit.runfolder import check_output
 
+        check_output(args.out)
         if args.out.endswith((".parquet", ".pq")):
             atomic_write_bytes(args.out, out.to_parquet(index=False))
         else:
