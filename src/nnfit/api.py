@@ -435,6 +435,7 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
         The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
     """
     run = Path(run)
+    runfolder.check_free(run)  # a run that is still training is not resumed a second time
     state = trainstate.load(run)  # every problem with the state is reported before any work
     config = Config.from_dict(state.info["config"])  # checked by the reader
     if not config.out or Path(config.out).resolve() != run.resolve():

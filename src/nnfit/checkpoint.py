@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from nnfit.errors import NnfitError
-from nnfit.runfolder import FORMAT_VERSION, META, STATE, STATE_VERSION, WEIGHTS  # noqa: F401
+from nnfit.runfolder import FORMAT_VERSION, META, STATE, STATE_TENSORS, STATE_VERSION, WEIGHTS  # noqa: F401
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -131,7 +131,7 @@ def write_state(folder, tensors: dict, info: dict, number: int) -> None:
     atomic_write_bytes(folder / name, blob)
     write_json(folder / STATE, {"format_version": STATE_VERSION, "tensors": {"file": name, "sha256": sha256(blob)},
                                 **info})
-    for old in [*folder.glob("state-*.safetensors"), *folder.glob(".state*.tmp")]:
+    for old in [*folder.glob(STATE_TENSORS), *folder.glob(".state*.tmp")]:
         if old.name != name:  # older states, and the temporary files of a save that was killed
             old.unlink(missing_ok=True)
 
@@ -144,7 +144,7 @@ def remove_state(folder) -> None:
     """Delete the training state once the run folder holds the finished model."""
     folder = Path(folder)
     (folder / STATE).unlink(missing_ok=True)
-    for old in [*folder.glob("state-*.safetensors"), *folder.glob(".state*.tmp")]:
+    for old in [*folder.glob(STATE_TENSORS), *folder.glob(".state*.tmp")]:
         old.unlink(missing_ok=True)
 
 

@@ -124,8 +124,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in FIELDS:
         if hasattr(args, name):
             values[name] = parse_cli_value(name, getattr(args, name), problems)
-    if not values.get("out"):
-        values["out"] = _default_out()
+    defaulted = not values.get("out")
+    if defaulted:
+        values["out"] = "runs/<timestamp>"  # created below, once the settings are valid
     try:
         config = Config.from_dict(values)
     except NnfitError as exc:
@@ -133,16 +134,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config = None
     if problems:
         raise NnfitError("invalid settings: " + "; ".join(problems))
-    return config
+    return config.replace(out=_default_out()) if defaulted else config
 
 
 def _default_out() -> str:
+    """runs/<timestamp>, created here: two runs started in the same second get two folders (-2, -3, ...)."""
     base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return str(out)
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return str(out)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise NnfitError(f"could not create the run folder {out}: {exc.strerror or exc}; pass --out DIR") from None
+    raise NnfitError(f"{base}-2 ... {base}-999 all exist; pass --out DIR")
 
 
 def cmd_train(args) -> int:

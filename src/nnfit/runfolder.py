@@ -58,7 +58,8 @@ def is_run_file(name: str) -> bool:
 # --- safe reads --------------------------------------------------------------------------------------
 
 def read_bytes(folder, name: str, limit: int) -> bytes:
-    """The bytes of ``folder/name``: a regular file inside the folder, at most ``limit`` bytes."""
+    """The bytes of ``folder/name``: a regular file inside the folder, at most ``limit`` bytes (checked
+    before anything is read)."""
     folder = Path(folder)
     path = folder / name
     try:
@@ -101,7 +102,9 @@ def read_json(folder, name: str):
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NnfitError(f"{Path(folder) / name} is not valid JSON ({exc}); the run folder is damaged") from None
+        what = {META: "model metadata", CONFIG: "run config", SUMMARY: "run summary", STATE: "training state"}
+        raise NnfitError(f"{what.get(name, 'file')} {Path(folder) / name} is not valid JSON ({exc}); the run folder "
+                         "is damaged") from None
     except RecursionError:
         raise NnfitError(f"{Path(folder) / name} is nested too deeply to be nnfit's file") from None
 
@@ -387,13 +390,17 @@ def _safetensors(blob: bytes, where: str) -> dict:
         raise NnfitError(f"{where} could not be read as safetensors: {exc}") from None
 
 
-def _verified(folder: Path, name: str, expected_sha: str, named_in: str, limit: int, remedy: str) -> dict:
+def _verified(folder: Path, name: str, expected_sha: str, named_in: str, limit: int, remedy: str,
+              at_least: int = 0) -> dict:
     import hashlib
 
     blob = read_bytes(folder, name, limit)
     if hashlib.sha256(blob).hexdigest() != expected_sha:
         raise NnfitError(f"{folder / name} does not match the checksum in {folder / named_in}: the file is truncated, "
                          f"corrupted or was replaced; {remedy}")
+    if len(blob) < at_least:  # e.g. a width of 1e9 in model.json: refused before any tensor is made
+        raise NnfitError(f"{folder / name} is {len(blob):,} bytes, but the architecture in {named_in} needs "
+                         f"{at_least:,} bytes of weights; the run folder was edited")
     return _safetensors(blob, str(folder / name))
 
 
@@ -449,7 +456,8 @@ def read_model(folder) -> tuple[dict, dict]:
     shapes = expected.values() if expected is not None else meta["architecture"]["parameters"].values()
     nbytes = sum(_numel(s) for s in shapes) * _itemsize(meta["dtype"])
     limit = nbytes + HEADER_SLACK + 256 * len(shapes) if expected is not None else TENSOR_LIMIT
-    weights = _verified(folder, WEIGHTS, meta["weights"]["sha256"], META, limit, "retrain or restore the run folder")
+    weights = _verified(folder, WEIGHTS, meta["weights"]["sha256"], META, limit, "retrain or restore the run folder",
+                        at_least=nbytes if expected is not None else 0)
     dtype = getattr(torch, meta["dtype"])
     if expected is not None:
         check_tensors(weights, expected, dtype, str(folder / WEIGHTS))
@@ -635,8 +643,8 @@ class Claim:
 
     Takes ``.nnfit.lock`` with flock (released when the process exits, however it exits), so a second
     writer fails at once. A folder that holds anything is refused unless ``overwrite`` (or ``resume``,
-    which continues the state in it). On a failure before anything was written, a folder this claim
-    created is removed again.
+    which continues the state in it). On a failure before anything was written, a folder that was new
+    or empty is removed again.
     """
 
     def __init__(self, out, overwrite: bool = False, resume: bool = False):
@@ -652,11 +660,11 @@ class Claim:
         if not folder.exists():
             try:
                 folder.mkdir(parents=True)
-                self.created = True
             except FileExistsError:
                 pass
             except OSError as exc:
                 raise NnfitError(f"could not create the run folder {folder}: {exc.strerror or exc}") from None
+        self.created = not any(folder.iterdir())  # new, or reserved empty by the CLI's default --out
         self.fd = _lock(folder)
         try:
             _finish_commit(folder)
@@ -695,15 +703,13 @@ class Claim:
     def __exit__(self, exc_type, exc, tb):
         if self.fd is None:
             return
-        shutil.rmtree(self.folder / STAGING, ignore_errors=True)  # a commit that did not finish: never half of one
-        if exc_type is not None and self.created:
-            entries = [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
-            if entries in ([], [LOCK]):  # nothing was written: leave no empty folder behind
-                with contextlib.suppress(OSError):
-                    (self.folder / LOCK).unlink()
-                    self.folder.rmdir()
-        os.close(self.fd)
+        with contextlib.suppress(OSError):  # a commit cut short is finished, a staging without its marker dropped
+            _finish_commit(self.folder)
+        _unlock(self.folder, self.fd)
         self.fd = None
+        if exc_type is not None and self.created:
+            with contextlib.suppress(OSError):  # nothing was written: leave no empty folder behind
+                self.folder.rmdir()
 
 
 def _names(names: list[str]) -> str:
@@ -711,6 +717,29 @@ def _names(names: list[str]) -> str:
 
 
 def _lock(folder: Path) -> int:
+    """An open, flock-ed ``.nnfit.lock``. The file is removed when its holder is done (``_unlock``), so after
+    the lock is taken it must still be the file at that path; otherwise take the new one."""
+    for _ in range(100):
+        fd = _try_lock(folder)
+        try:
+            same = os.path.samestat(os.stat(folder / LOCK, follow_symlinks=False), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise NnfitError(f"could not lock {folder / LOCK}: it keeps being replaced")
+
+
+def _unlock(folder: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(folder / LOCK)  # still held: a process waiting on this file sees it is gone and retries
+    os.close(fd)
+
+
+def _try_lock(folder: Path) -> int:
     import fcntl
 
     path = folder / LOCK
@@ -732,8 +761,6 @@ def _lock(folder: Path) -> int:
             raise NnfitError(f"another nnfit process{who} is writing to {folder}; wait for it to finish, or write "
                              "this run to another folder with --out") from None
         raise NnfitError(f"could not lock {path}: {exc.strerror or exc}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -791,6 +818,12 @@ def _finish_commit(folder: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
+def check_free(folder) -> None:
+    """Raise at once if another process is writing ``folder`` (its claim is taken later, by ``fit``)."""
+    if os.path.lexists(Path(folder) / LOCK):
+        _unlock(Path(folder), _lock(Path(folder)))
+
+
 def recover(folder: Path) -> None:
     """Finish a commit that a crash interrupted, if its writer is gone (readers call this)."""
     if not os.path.lexists(folder / STAGING / COMPLETE):
@@ -799,7 +832,7 @@ def recover(folder: Path) -> None:
     try:
         _finish_commit(folder)
     finally:
-        os.close(fd)
+        _unlock(folder, fd)
 
 
 # --- writes outside a run folder ------------------------------------------------------------------------
