@@ -573,6 +573,9 @@ def _check_state_tensors(tensors: dict, info: dict, config: Config, where: str) 
         t = tensors.get(k)
         if t is None or t.dtype != dt or t.ndim != 1 or (shape is not None and tuple(t.shape) != shape):
             bad(f"the random-number state {k} is missing or malformed")
+    for k in (k for k in tensors if k.startswith("rng/cuda/")):
+        if tensors[k].dtype != torch.uint8 or tensors[k].ndim != 1:
+            bad(f"the random-number state {k} is malformed")
     name, pos, has_gauss, cached = info["rng"]["numpy"]
     if name != "MT19937" or isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= 624 \
             or has_gauss not in (0, 1) or not isinstance(cached, (int, float)):
@@ -587,6 +590,8 @@ def _check_state_tensors(tensors: dict, info: dict, config: Config, where: str) 
             bad("position is in the middle of an epoch, but the epoch's permutation or running loss is missing")
         if position["rows"] > len(perm):
             bad(f"position.rows {position['rows']} is beyond the epoch's {len(perm)} rows")
+        if len(perm) and (int(perm.min()) < 0 or int(perm.max()) >= len(perm)):
+            bad("the epoch's permutation holds rows outside the training set")
     refs = []
     _refs(info.get("optimizer"), refs)
     _refs(info.get("scheduler"), refs)
