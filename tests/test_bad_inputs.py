@@ -539,7 +539,8 @@ def test_predict_and_export_out_to_a_device_are_refused(run_dir, tmp_path, capsy
     check(capsys, ["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "full")], 2,
           "is a character device, not a regular file")
     assert stat_kind(tmp_path / "null") == "link" and os.path.realpath(tmp_path / "null") == "/dev/null"
-    check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", str(tmp_path)], 2, "is a folder, not a regular")
+    check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", str(tmp_path)], 2,
+          "is a folder, not a regular")
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model.json", "config.json", "summary.json"])
@@ -744,6 +745,9 @@ def test_crafted_training_state_with_a_mismatched_model_tensor(stopped_run, tmp_
 
 def test_a_stopped_run_resumes_after_the_reader_checked_it(stopped_run, tmp_path, capsys):
     run = _copy(stopped_run, tmp_path)
+    check(capsys, ["train", *SMALL, "--out", str(run)], 2,
+          "already holds a run (state-000002.safetensors, state.json)")
+    check(capsys, ["train", *SMALL, "--out", str(run)], 2, f"or continue the stopped run in it with: nnfit resume {run}")
     assert main(["resume", str(run)]) == 0
     assert nnfit.load(run).summary["epochs"] >= 1 and not (run / "state.json").exists()
 

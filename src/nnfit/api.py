@@ -18,7 +18,7 @@ from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_value
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
-from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
+from nnfit.model import architecture, build_mlp, check_module, instantiate
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
 

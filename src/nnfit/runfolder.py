@@ -541,7 +541,8 @@ def read_state(folder) -> tuple[dict, dict]:
     raw = read_json(folder, STATE)
     if isinstance(raw, dict) and raw.get("format_version") != STATE_VERSION:
         raise NnfitError(f"{where} has format version {_show(raw.get('format_version'))}, but this nnfit reads "
-                         f"training states of version {STATE_VERSION} (saved by nnfit {raw.get('nnfit_version', '?')}); "
+                         f"training states of version {STATE_VERSION} "
+                         f"(saved by nnfit {raw.get('nnfit_version', '?')}); "
                          "resume it with that nnfit, or start again")
     info = checked(STATE_SCHEMA, raw, where)
     config = check_config(info["config"], f"{where} field config")
@@ -693,9 +694,10 @@ class Claim:
                 what.append(f"a run ({_names(ours)})")
             if theirs:
                 what.append(f"{len(theirs)} other file(s) ({_names(theirs)})")
+            stopped = f", or continue the stopped run in it with: nnfit resume {folder}" if STATE in ours else ""
             raise NnfitError(f"--out {folder} already holds {' and '.join(what)}; nnfit never overwrites a run "
                              "folder silently: pass --overwrite to replace the run (files that are not nnfit's "
-                             "are kept), or choose another --out")
+                             f"are kept), or choose another --out{stopped}")
         for name in ours:
             mode = os.lstat(folder / name).st_mode
             if not (stat.S_ISREG(mode) or (name == "tb" and stat.S_ISDIR(mode))):
