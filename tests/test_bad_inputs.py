@@ -674,7 +674,7 @@ def test_crafted_run_folder_i32_weights_with_their_checksum_fixed(run_dir, tmp_p
     run = _copy(run_dir, tmp_path)
     _rewrite_weights(run, lambda t: {k: v.to(torch.int32) for k, v in t.items()})
     check(capsys, ["predict", str(run), "--input", "x=0.5"], 2,
-          "tensor l1.weight has dtype int32, but model.json says float32")
+          "tensor l1.weight has dtype int32, but the run's dtype is float32; the run folder was edited")
 
 
 def test_crafted_run_folder_extra_tensor(run_dir, tmp_path, capsys):

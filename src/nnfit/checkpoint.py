@@ -140,14 +140,6 @@ def has_state(folder) -> bool:
     return os.path.lexists(Path(folder) / STATE)
 
 
-def remove_state(folder) -> None:
-    """Delete the training state once the run folder holds the finished model."""
-    folder = Path(folder)
-    (folder / STATE).unlink(missing_ok=True)
-    for old in [*folder.glob(STATE_TENSORS), *folder.glob(".state*.tmp")]:
-        old.unlink(missing_ok=True)
-
-
 def pack(obj, prefix: str, tensors: dict):
     """Nested dicts, lists and tuples with tensors (an optimizer's state_dict) -> JSON-able data; each
     tensor goes into ``tensors`` under a key made from its path and is replaced by a reference."""

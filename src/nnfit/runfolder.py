@@ -369,8 +369,8 @@ def check_tensors(tensors: dict, expected: dict, dtype, where: str) -> None:
     for k, shape in expected.items():
         t = tensors[k]
         if t.dtype != dtype:
-            raise NnfitError(f"{where}: tensor {k} has dtype {str(t.dtype).replace('torch.', '')}, but model.json "
-                             f"says {str(dtype).replace('torch.', '')}; the run folder was edited")
+            raise NnfitError(f"{where}: tensor {k} has dtype {str(t.dtype).replace('torch.', '')}, but the run's "
+                             f"dtype is {str(dtype).replace('torch.', '')}; the run folder was edited")
         if tuple(t.shape) != tuple(shape):
             raise NnfitError(f"{where}: tensor {k} has shape {tuple(t.shape)}, but the architecture needs "
                              f"{tuple(shape)}; the run folder was edited")
