@@ -39,17 +39,25 @@ def baselines(tmp_path_factory):
 
 def poison_steps(monkeypatch, bad):
     """From the training steps in ``bad`` on, the weights become NaN, as after an overflow."""
-    real, calls = train_module._step, [0]
+    real, calls = train_module.make_step, [0]
 
-    def step(model, optimizer, xb, yb, grad_clip, plan):
-        calls[0] += 1
-        loss = real(model, optimizer, xb, yb, grad_clip, plan)
-        if bad(calls[0]):
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return loss
+    def make_step(model, optimizer, plan, config):
+        inner = real(model, optimizer, plan, config)
 
-    monkeypatch.setattr(train_module, "_step", step)
+        class Poisoned:
+            invalidate = inner.invalidate
+
+            def __call__(self, xb, yb):
+                calls[0] += 1
+                loss = inner(xb, yb)
+                if bad(calls[0]):
+                    with torch.no_grad():
+                        next(model.parameters()).fill_(float("nan"))
+                return loss
+
+        return Poisoned()
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
 
 
 def test_nan_loss_rolls_back_and_halves_the_learning_rate(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,5 @@
 """Exact resume: a run killed anywhere continues, with ``nnfit resume RUN``, to final weights that are
-bit-identical to those of an uninterrupted run (CPU, fixed seed)."""
+bit-identical to those of an uninterrupted run (fixed seed; on the CPU, and on a CUDA GPU with device auto)."""
 
 import json
 import os

@@ -18,7 +18,7 @@ from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_value
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
-from nnfit.model import architecture, build_mlp, check_module, instantiate
+from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
 
@@ -27,7 +27,11 @@ TEST_SEED_OFFSET = 1_000_003  # fresh test points never coincide with the traini
 
 
 class FittedModel:
-    """A trained network with its scaling, names and provenance. Predictions are in original units."""
+    """A trained network with its scaling, names and provenance. Predictions are in original units.
+
+    An ensemble (``ensemble=K``) holds a ``StackedMLP`` of K members: ``predict`` gives their mean, and
+    ``predict(X, return_std=True)`` also their standard deviation, the ensemble's uncertainty.
+    """
 
     def __init__(self, module, scaling: Scaling, input_names, target_names, config: Config,
                  history=None, summary=None):
@@ -44,7 +48,13 @@ class FittedModel:
         arch = architecture(self.module)
         shape = "→".join(map(str, [arch["inputs"], *arch["hidden"], arch["outputs"]])) if arch["type"] == "mlp" \
             else arch["class"]
-        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)})"
+        ensemble = f", ensemble={self.members}" if self.members > 1 else ""
+        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)}{ensemble})"
+
+    @property
+    def members(self) -> int:
+        """How many networks the model holds: K for an ensemble, else 1."""
+        return members(self.module)
 
     @property
     def formula(self):
@@ -56,7 +66,13 @@ class FittedModel:
         return next(self.module.parameters()).device
 
     def predict_tensor(self, X: torch.Tensor) -> torch.Tensor:
-        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k)."""
+        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k); an ensemble's
+        are the mean over its members."""
+        out = self.member_predictions(X)
+        return out if out.dim() == 2 else out.mean(dim=0)
+
+    def member_predictions(self, X: torch.Tensor) -> torch.Tensor:
+        """Every member's predictions: float64 (K, n, k) for an ensemble, (n, k) for a single network."""
         device = self.device
         dtype = next(self.module.parameters()).dtype
         x_mean, x_std, y_mean, y_std = self.scaling.tensors(device, dtype)
@@ -68,7 +84,7 @@ class FittedModel:
             while i < len(X):
                 try:
                     xb = (X[i:i + chunk].to(device=device, dtype=dtype) - x_mean) / x_std
-                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))
+                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))  # (b, k) or (K, b, k)
                 except RuntimeError as exc:
                     if not devices.is_out_of_memory(exc):
                         raise
@@ -77,15 +93,27 @@ class FittedModel:
                     chunk = self._chunk = guard.halve(chunk, "prediction", device)
                     continue
                 i += chunk
-        return torch.cat(out) if out else torch.empty(0, len(self.target_names), dtype=torch.float64)
+        if not out:
+            empty = (0, len(self.target_names))
+            return torch.empty(empty if self.members == 1 else (self.members, *empty), dtype=torch.float64)
+        return torch.cat(out, dim=-2)
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, return_std: bool = False):
         """Predict for ``X`` (numpy array, DataFrame with the input columns, or tensor).
 
-        Returns shape (n,) for one target and (n, k) for several, in original units.
+        Returns shape (n,) for one target and (n, k) for several, in original units: for an ensemble,
+        the mean of its members. With ``return_std=True`` (ensembles only), returns ``(mean, std)``, std
+        being the members' standard deviation (with Bessel's correction) per sample and target.
         """
-        pred = self.predict_tensor(as_matrix(X, self.input_names, allowed_extra=self.target_names)).numpy()
-        return pred[:, 0] if pred.shape[1] == 1 else pred
+        if return_std and self.members == 1:
+            raise NnfitError("return_std=True asks for the spread of an ensemble's members, but this model is a "
+                             "single network, so there is no spread to give; train with ensemble=K (K >= 2, "
+                             "CLI: --ensemble K)")
+        out = self.member_predictions(as_matrix(X, self.input_names, allowed_extra=self.target_names))
+        mean = (out if out.dim() == 2 else out.mean(dim=0)).numpy()
+        if not return_std:
+            return _squeezed(mean)
+        return _squeezed(mean), _squeezed(out.std(dim=0).numpy())
 
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
                  seed: int | None = None) -> dict[str, float]:
@@ -174,6 +202,10 @@ class FittedModel:
             html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
 
 
+def _squeezed(pred: np.ndarray) -> np.ndarray:
+    return pred[:, 0] if pred.shape[1] == 1 else pred
+
+
 def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, model=None,
         config: Config | None = None, reporter: Reporter | None = None, **settings) -> FittedModel:
     """Learn a function from a formula over a domain, or from a table.
@@ -254,6 +286,10 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     dtype = getattr(torch, config.dtype)
 
     torch.manual_seed(config.seed)
+    if user_model is not None and config.ensemble > 1:
+        raise NnfitError(f"--ensemble {config.ensemble} stacks K copies of nnfit's own MLP into one computation, "
+                         f"and a custom module ({type(user_model).__name__}) cannot be stacked; drop ensemble=, "
+                         "or describe the network with --hidden and --activation")
     if user_model is not None:
         user_model = instantiate(user_model)
         check_module(user_model, problem.input_names, problem.target_names, None, None)
@@ -263,7 +299,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if config.freeze:
         freeze.freeze(module, config.freeze)  # before placing: a distributed wrapper must see the final flags
     module = devices.place_model(module, ctx, dtype)
-    check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
+    if user_model is not None:  # nnfit's own MLP (or stacked MLPs) is built to the data's shape
+        check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
 
     devices.reset_peak_memory(ctx)
     nbytes = len(problem.X) * (problem.X.shape[1] + problem.Y.shape[1]) * torch.finfo(dtype).bits // 8
@@ -323,6 +360,10 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     fitted.summary = summary
     if result.rollbacks:
         summary["rollbacks"] = result.rollbacks
+    if result.member_best_epochs:
+        summary["ensemble"] = {"members": len(result.member_best_epochs),
+                               "best_epochs": result.member_best_epochs,
+                               "best_val_losses": result.member_best_val_losses}
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
         fitted._write(config.out, plots=config.plots, problem=problem)  # replaces the training state too
@@ -422,7 +463,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
-    with a fixed seed on the CPU, the final weights are bit-identical to those of an uninterrupted run.
+    with a fixed seed, on the CPU or a CUDA GPU (deterministic kernels), the final weights are
+    bit-identical to those of an uninterrupted run on the same device type.
 
     Args:
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
@@ -460,7 +502,17 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:
     """Load a run folder written by ``fit(..., out=...)``, ``FittedModel.save`` or ``nnfit train``.
 
-    A run trained with a custom module needs that module (freshly built) as ``model``.
+    Args:
+        path: the run folder.
+        model: a fresh instance of the custom module the run was trained with, if any.
+        device: where the loaded model predicts: ``cpu`` (the default), ``auto``, ``cuda``, ``cuda:N``
+            or ``mps``.
+
+    Returns:
+        A FittedModel whose predictions are bit-identical to those of the model that was saved, when
+        both run on the same device. A model trained on a GPU and loaded on the CPU agrees with it to
+        float rounding (the last digit or two): the two devices' kernels sum in different orders.
+        Pass ``device=str(fitted.device)`` for the very same numbers.
     """
     run = runfolder.read_run(path)
     module = runfolder.build_module(run.weights, run.meta, model, str(path))

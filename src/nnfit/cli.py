@@ -188,6 +188,7 @@ def _stop_on_signals(workers: int):
 
 
 def _report(model, config, command: str) -> int:
+    from nnfit.devices import describe_peak
     from nnfit.report import metrics_table
 
     if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
@@ -212,7 +213,7 @@ def _report(model, config, command: str) -> int:
         print(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to its last "
               f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
-        print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
+        print(f"peak memory: {describe_peak(s['peak_memory'])}")
     from nnfit.runfolder import is_run_file
 
     written = sorted(p.name for p in Path(config.out).iterdir() if is_run_file(p.name) and not p.name.startswith("."))

@@ -24,6 +24,7 @@ DTYPES = ("float32", "float64")
 NONFINITE = ("drop", "error")
 DATA_ON = ("auto", "device", "cpu")
 PRECISIONS = ("32", "bf16", "16-mixed")
+CUDA_GRAPH = ("auto", "off")
 
 
 def _opt(help: str, *, kind: str = "str", group: str = "training", choices=None, flag=None, cli=True):
@@ -58,6 +59,10 @@ class Config:
         "hidden layer widths, comma-separated", kind="ints", group="model"))
     activation: str = field(default="tanh", metadata=_opt(
         "activation between layers ('none' makes the network linear)", choices=ACTIVATIONS, group="model"))
+    ensemble: int = field(default=1, metadata=_opt(
+        "train K networks at once as one stacked computation, differing in initial weights and data order; "
+        "each keeps its own best epoch, and predictions are their mean with their standard deviation as the "
+        "uncertainty", kind="int", group="model"))
 
     # Freezing and fine-tuning.
     freeze: tuple = field(default=(), metadata=_opt(
@@ -114,6 +119,9 @@ class Config:
     precision: str = field(default="32", metadata=_opt(
         "32, or mixed precision with autocast: bf16, or 16-mixed (fp16 with a gradient scaler); "
         "parameters and the saved model stay fp32", choices=PRECISIONS, group="device"))
+    cuda_graph: str = field(default="auto", metadata=_opt(
+        "on CUDA, run each training step as one captured CUDA graph where it can be (auto), or eagerly (off)",
+        choices=CUDA_GRAPH, group="device"))
     min_batch_size: int = field(default=1, metadata=_opt(
         "after an out-of-memory error the batch is halved and retried, down to this size", kind="int",
         group="device"))
@@ -160,7 +168,7 @@ class Config:
                 p.append(f"--{name.replace('_', '-')} must be a positive {'integer' if integer else 'number'}, got {value}")
 
         for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
-                     "min_batch_size", "threads", "checkpoint_every"):
+                     "ensemble", "min_batch_size", "threads", "checkpoint_every"):
             positive(name, getattr(self, name))
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
@@ -209,7 +217,7 @@ class Config:
 
     def _device_problems(self) -> list[str]:
         p = []
-        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS)):
+        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS), ("cuda_graph", CUDA_GRAPH)):
             value = getattr(self, name)
             if value not in allowed:
                 p.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")

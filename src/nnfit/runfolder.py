@@ -244,7 +244,8 @@ numbers = items(number(), 1, MAX_WIDTH)
 
 ARCHITECTURE = one_of("type", {
     "mlp": record({"type": text(), "inputs": width, "outputs": width, "hidden": items(width, 1, MAX_LAYERS),
-                   "activation": text(ACTIVATIONS)}),
+                   "activation": text(ACTIVATIONS)},
+                  {"members": integer(1, 4096)}),  # an ensemble: tensors gain a leading dimension of this size
     "custom": record({"type": text(), "class": text(nonempty=True),
                       "parameters": mapping(items(integer(0, MAX_WIDTH), 0, 64))}),
 })
@@ -293,6 +294,8 @@ STATE_SCHEMA = record({
     "micro": optional(integer(1)), "eval_chunk": optional(integer(1)), "oom_retries": items(mapping(anything)),
     "unfrozen_at": mapping(integer(1)), "rollbacks": items(mapping(anything)), "saves": integer(1),
     "seconds": number(0),
+    "lr_factor": number(positive=True),  # the schedule's factor after rollbacks halved the learning rate
+    "member_best": items(items(number(finite=False)), 2, 2),  # an ensemble's best epoch and loss per member
 })
 
 

@@ -190,6 +190,7 @@ def _pack(fitted) -> dict:
         "weights": save({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}),
         "architecture": architecture(module),
         "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(module.parameters()).device),
         "trainable": [name for name, p in module.named_parameters() if p.requires_grad],
         "scaling": fitted.scaling.to_dict(),
         "input_names": list(fitted.input_names),
@@ -202,8 +203,9 @@ def _pack(fitted) -> dict:
 
 
 def _unpack(packed: dict):
-    """Rebuild a FittedModel from ``_pack``'s output, on the CPU, through the run-folder reader's checks."""
-    from nnfit import runfolder
+    """Rebuild a FittedModel from ``_pack``'s output, through the run-folder reader's checks, on the device
+    it was on if that exists here (so a copy predicts exactly as the original), else on the CPU."""
+    from nnfit import devices, runfolder
     from nnfit.api import FittedModel
     from nnfit.data import Scaling
 
@@ -212,6 +214,7 @@ def _unpack(packed: dict):
         raise NnfitError(f"{where} holds no nnfit model; pickle a fitted nnfit.Regressor")
     run = runfolder.read_packed(packed, where)
     module = runfolder.build_module(run.weights, run.meta, where=where)
+    module = module.to(devices.where_it_was(packed.get("device", "cpu")))
     trainable = set(packed.get("trainable", []))
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)

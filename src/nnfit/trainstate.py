@@ -1,7 +1,7 @@
 """The training state: what exact resume and the rollback after a divergence restore.
 
 A ``State`` holds tensors (model, optimizer state, best weights, RNG states, the epoch's
-permutation, the running loss) and JSON-able data (position, schedule, history, early stopping,
+permutation, the running loss) and JSON-able data (position, learning-rate factor, history, early stopping,
 freeze state). ``Saver`` decides when to write it and turns SIGINT/SIGTERM into a saved stop.
 Nothing is pickled: tensors go to safetensors and the rest to JSON (``checkpoint.write_state``).
 """
@@ -44,14 +44,15 @@ class State:
         return f"the end of epoch {p['epoch']}" if p["finished"] else f"epoch {p['epoch']} step {p['step']}"
 
 
-def capture(model, optimizer, scheduler, plan, generator, result, best_state, start_values, position: dict,
+def capture(model, optimizer, lr_factor: float, plan, generator, result, best_state, start_values, position: dict,
             perm=None, total=None) -> State:
-    """A copy of everything the loop needs to continue exactly from ``position``."""
+    """A copy of everything the loop needs to continue exactly from ``position``. The learning rate is a
+    function of ``position["steps"]`` and ``lr_factor`` (halved by each rollback): no scheduler state."""
     tensors: dict = {}
     info = {
         "position": dict(position),
         "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": checkpoint.pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+        "lr_factor": lr_factor,
         "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", tensors) if plan.scaler is not None else None,
         "micro": plan.micro,
         "eval_chunk": plan.eval_chunk,
@@ -59,6 +60,7 @@ def capture(model, optimizer, scheduler, plan, generator, result, best_state, st
         "history": [dict(row) for row in result.history],
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
+        "member_best": [list(result.member_best_epochs), list(result.member_best_val_losses)],  # an ensemble's
         "unfrozen_at": dict(result.unfrozen_at),
         "rollbacks": [dict(r) for r in result.rollbacks],
         "rng": _rng_info(tensors),
@@ -85,14 +87,25 @@ def _rng_info(tensors: dict) -> dict:
     return {"numpy": [name, pos, has_gauss, cached], "python": [version, gauss_next]}
 
 
-def part(state: State, prefix: str) -> dict:
-    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place)."""
+def part(state: State, prefix: str, like: dict | None = None) -> dict:
+    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place).
+
+    A state read from disk holds CPU tensors. With ``like`` (the live model's ``state_dict()``) each
+    tensor is copied to the device of the live tensor of the same name, so that a restore keeps every
+    tensor where the model is (a resumed GPU run compares its frozen weights on the GPU).
+    """
     start = prefix + "/"
-    return {k[len(start):]: v.clone() for k, v in state.tensors.items() if k.startswith(start)}
+    like = like or {}
+    out = {}
+    for key, value in state.tensors.items():
+        if key.startswith(start):
+            name = key[len(start):]
+            out[name] = value.to(like[name].device, copy=True) if name in like else value.clone()
+    return out
 
 
 def unpacked(state: State, key: str):
-    """The optimizer's, schedule's or scaler's state_dict, with copies of its tensors."""
+    """The optimizer's or scaler's state_dict, with copies of its tensors."""
     value = state.info.get(key)
     return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
 
@@ -211,7 +224,7 @@ class Saver:
         if self._requested() is not None:
             self._stop(self.capture(position, self.perm, total))
         # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
-        if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
+        if self.write_here and bool(torch.isfinite(total).all()):  # the checkpoint's one host sync
             self.write(self.capture(position, self.perm, total))
 
     def epoch_end(self, state: State) -> None:
