@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 import nnfit
-from nnfit import checkpoint, devices, freeze, trainstate
+from nnfit import checkpoint, devices, freeze, runfolder, trainstate
 from nnfit.config import INT64_MAX, Config
 from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
                         split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import regression_metrics
-from nnfit.model import architecture, build_mlp, check_module, instantiate, members, rebuild
+from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
 
@@ -159,24 +159,37 @@ class FittedModel:
                              f"{len(self.target_names)} ({', '.join(self.target_names)})")
         return regression_metrics(self.predict_tensor(X_t), Y_t)
 
-    def save(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
-        """Write the run folder: weights, metadata, config, metrics, summary and plots."""
+    def save(self, out, plots: bool = True, problem: Problem | None = None, overwrite: bool = False) -> Path:
+        """Write the run folder: weights, metadata, config, metrics, summary and plots.
+
+        A folder that already holds files is refused unless ``overwrite=True``, which replaces the run in it
+        and keeps files that are not nnfit's. The files are written beside the previous run and moved into
+        place at the end, so a failure leaves the previous run whole.
+        """
+        with runfolder.Claim(out, overwrite=overwrite):
+            return self._write(out, plots, problem)
+
+    def _write(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
+        """Write the run into ``out``, whose claim the caller holds: staged, then committed; then the plots."""
         from nnfit import report
 
         out = Path(out)
+        self.path = out
         with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
                               kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
-            self._save_files(out)
+            with runfolder.staged(out) as stage:
+                self._write_files(stage)
+            runfolder.commit(out, keep=("tb",) if self.config.tensorboard else ())
         if plots:
             from nnfit import html_report
 
             with trainstate.phase("writing the plots", kept=f"the model is saved in {out}, without its plots"):
                 report.write_plots(out, self, problem)
                 html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
-        self.path = out
         return out
 
-    def _save_files(self, out: Path) -> None:
+    def _write_files(self, out: Path) -> None:
+        """The run's model, metadata, config, summary and metrics (not the plots) into ``out``."""
         from nnfit import report
 
         state = self.module.state_dict()
@@ -229,10 +242,26 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         config = config.replace(**values, **settings)
     if frame is not None and config.formula is not None:
         raise NnfitError("formula and data were both given; choose one source of samples")
-    if config.devices > 1 and not devices.launched():
-        from nnfit import launch
+    with _claim(config):
+        if config.devices > 1 and not devices.launched():
+            from nnfit import launch
 
-        return launch.fit_in_workers(config, frame, model)
+            return launch.fit_in_workers(config, frame, model)
+        return _fit_here(config, frame, model, reporter)
+
+
+def _claim(config: Config):
+    """The run folder's owner is the process that started the run: this one, or under torchrun rank 0
+    (``--devices N`` workers run ``_fit_here`` under their launcher's claim)."""
+    from contextlib import nullcontext
+
+    if not config.out or devices.rank() != 0:
+        return nullcontext()
+    return runfolder.Claim(config.out, overwrite=config.overwrite, resume=config.resume)
+
+
+def _fit_here(config: Config, frame, model, reporter: Reporter | None) -> FittedModel:
+    """``fit`` in this process (one device, or one worker of a DDP run)."""
     ctx = devices.init_context(config)
     # Under torch.distributed only rank 0 prints progress and warnings.
     if not ctx.is_main:
@@ -264,7 +293,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if dtype_name != config.dtype:
         config = config.replace(dtype=dtype_name)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
-    init = checkpoint.load_weights(config.init_from) if config.init_from else None
+    init = runfolder.read_model(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
         scaling = Scaling.from_dict(init[1]["scaling"])  # fine-tuning keeps the run's units by default
     scaling = scaling or Scaling.fit(problem.X[train_idx], problem.Y[train_idx], problem.target_names)
@@ -302,7 +331,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(f"learning {problem.source} with {len(problem.input_names)} input(s) "
                  f"({', '.join(problem.input_names)}) on {ctx.device}{workers}")
     reporter.log(data_line)
-    saver = _saver(config, ctx, problem, user_model) if config.out else None
+    saver = _saver(config, ctx, problem, user_model, module) if config.out else None
     try:
         with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
             result = train(module, data, config, reporter, ctx, saver)
@@ -355,9 +384,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
                                "best_val_losses": result.member_best_val_losses}
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
-        fitted.save(config.out, plots=config.plots, problem=problem)
-        with trainstate.phase("saving the run", deferred=True):
-            checkpoint.remove_state(config.out)  # the finished model replaces the training state
+        fitted._write(config.out, plots=config.plots, problem=problem)  # replaces the training state too
     return fitted
 
 
@@ -381,7 +408,7 @@ def _require_finite_metrics(summary: dict, config: Config) -> None:
                              f"--dtype float64{kept}")
 
 
-def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
+def _saver(config: Config, ctx, problem: Problem, user_model, module) -> trainstate.Saver:
     """Where the training state goes; with ``config.resume``, the verified state to continue from."""
     digest = hashlib.sha256()
     for T in (problem.X, problem.Y):
@@ -394,10 +421,21 @@ def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Save
             raise NnfitError(f"the samples of {problem.source} are not those the run in {config.out} started with "
                              "(the file changed, or another DataFrame was passed); resume needs the same data, "
                              "or start a new run")
+        _check_state_fits(state, module, Path(config.out) / checkpoint.STATE)
     info = {"nnfit_version": nnfit.__version__, "config": config.replace(resume=False).to_dict(),
             "fingerprint": fingerprint, "source": "dataframe" if config.data is None and config.formula is None
             else problem.source, "custom_model": type(user_model).__name__ if user_model is not None else None}
     return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state, ctx.distributed)
+
+
+def _check_state_fits(state: trainstate.State, module, where: Path) -> None:
+    """The saved model, best and starting tensors have this run's names, shapes and dtype."""
+    module = freeze.unwrap(module)
+    dtype = next(module.parameters()).dtype
+    tensors = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    params = {k: tuple(p.shape) for k, p in module.named_parameters()}
+    for prefix, expected in (("model", tensors), ("best", tensors), ("start", params)):
+        runfolder.check_tensors(trainstate.part(state, prefix), expected, dtype, f"{where} ({prefix})")
 
 
 def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx):
@@ -410,7 +448,7 @@ def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem
     summary = {"nnfit_version": nnfit.__version__, "source": problem.source, "stopped": result.stopped,
                "best_epoch": result.best_epoch, "rollbacks": result.rollbacks, "diverged": True}
     FittedModel(module, scaling, problem.input_names, problem.target_names, config.replace(resume=False),
-                result.history, summary).save(config.out, plots=False)
+                result.history, summary)._write(config.out, plots=False)
     return TrainingDiverged(f"{exc}. The best weights (epoch {result.best_epoch}, validation loss "
                             f"{result.best_val_loss:.4e}) are saved in {config.out}", result)
 
@@ -477,8 +515,9 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
         The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
     """
     run = Path(run)
+    runfolder.check_free(run)  # a run that is still training is not resumed a second time
     state = trainstate.load(run)  # every problem with the state is reported before any work
-    config = Config.from_dict(checkpoint.read_json(run / "config.json", "run config"))
+    config = Config.from_dict(state.info["config"])  # checked by the reader
     if not config.out or Path(config.out).resolve() != run.resolve():
         config = config.replace(out=str(run))  # the folder was moved, or is named from elsewhere
     if isinstance(data, (str, Path)):
@@ -513,30 +552,10 @@ def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> Fit
         float rounding (the last digit or two): the two devices' kernels sum in different orders.
         Pass ``device=str(fitted.device)`` for the very same numbers.
     """
-    state, meta = checkpoint.load_weights(path)
-    arch = meta["architecture"]
-    if arch.get("type") == "mlp":
-        module = rebuild(arch)
-    elif model is None:
-        raise NnfitError(f"{path} was trained with a custom module ({arch.get('class')}); "
-                         "pass a fresh instance: nnfit.load(path, model=YourModule(...))")
-    else:
-        module = model
-    dtype = getattr(torch, meta.get("dtype", "float32"))
-    module = module.to(dtype=dtype)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise NnfitError(f"the weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from None
-    named = dict(module.named_parameters())
-    for name in meta.get("frozen", []):  # the run's freeze state: inspect and further training see it
-        if name in named:
-            named[name].requires_grad_(False)
-    config = Config.from_dict(checkpoint.read_json(Path(path) / "config.json", "run config"))
+    run = runfolder.read_run(path)
+    module = runfolder.build_module(run.weights, run.meta, model, str(path))
     module = module.to(devices.parse_device(device))
-    summary_path = Path(path) / "summary.json"
-    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
-    fitted = FittedModel(module, Scaling.from_dict(meta["scaling"]), meta["input_names"], meta["target_names"],
-                         config, summary=summary)
+    fitted = FittedModel(module, Scaling.from_dict(run.meta["scaling"]), run.meta["input_names"],
+                         run.meta["target_names"], run.config, summary=run.summary)
     fitted.path = Path(path)
     return fitted

@@ -145,8 +145,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in FIELDS:
         if hasattr(args, name):
             values[name] = parse_cli_value(name, getattr(args, name), problems)
-    if not values.get("out"):
-        values["out"] = _default_out()
+    defaulted = not values.get("out")
+    if defaulted:
+        values["out"] = "runs/<timestamp>"  # created below, once the settings are valid
     try:
         config = Config.from_dict(values)
     except NnfitError as exc:
@@ -154,16 +155,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config = None
     if problems:
         raise NnfitError("invalid settings: " + "; ".join(problems))
-    return config
+    return config.replace(out=_default_out()) if defaulted else config
 
 
 def _default_out() -> str:
+    """runs/<timestamp>, created here: two runs started in the same second get two folders (-2, -3, ...)."""
     base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return str(out)
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return str(out)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise NnfitError(f"could not create the run folder {out}: {exc.strerror or exc}; pass --out DIR") from None
+    raise NnfitError(f"{base}-2 ... {base}-999 all exist; pass --out DIR")
 
 
 def cmd_train(args) -> int:
@@ -177,11 +184,11 @@ def cmd_train(args) -> int:
 
 def cmd_resume(args) -> int:
     import nnfit
-    from nnfit.checkpoint import read_json
+    from nnfit.runfolder import STATE, read_json
 
     try:
-        workers = int(read_json(Path(args.run) / "config.json").get("devices", 1))
-    except (NnfitError, AttributeError, TypeError, ValueError):
+        workers = int(read_json(args.run, STATE)["config"]["devices"])
+    except (NnfitError, LookupError, TypeError, ValueError):
         workers = 1  # nnfit.resume reports what is wrong with the run folder
     with _stop_on_signals(workers):
         model = nnfit.resume(args.run, data=args.data, quiet=args.quiet, verbose=args.verbose)
@@ -228,7 +235,9 @@ def _report(model, config, command: str) -> int:
               f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
         print(f"peak memory: {describe_peak(s['peak_memory'])}")
-    written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
+    from nnfit.runfolder import is_run_file
+
+    written = sorted(p.name for p in Path(config.out).iterdir() if is_run_file(p.name) and not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
     tutorial = config.formula == "x**2 + x" and config.domain == (("x", 0.0, 1.0),) and config.data is None
     if command in ("demo", "train") and tutorial and config.activation != "none" and not config.quiet \
@@ -259,7 +268,9 @@ def cmd_predict(args) -> int:
         out[f"{name}_pred"] = pred[:, i]
     if args.out:
         from nnfit.checkpoint import atomic_write_bytes
+        from nnfit.runfolder import check_output
 
+        check_output(args.out)
         if args.out.endswith((".parquet", ".pq")):
             atomic_write_bytes(args.out, out.to_parquet(index=False))
         else:

@@ -17,7 +17,9 @@ from nnfit.errors import NnfitError
 
 OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
 SCHEDULES = ("auto", "none", "cosine", "onecycle")
-ACTIVATIONS = ("relu", "tanh", "silu", "gelu", "sigmoid", "none")
+# The activations, named once: model.py builds the layers from this table (torch.nn class names).
+ACTIVATION_LAYERS = {"relu": "ReLU", "tanh": "Tanh", "silu": "SiLU", "gelu": "GELU", "sigmoid": "Sigmoid"}
+ACTIVATIONS = (*ACTIVATION_LAYERS, "none")
 DTYPES = ("float32", "float64")
 NONFINITE = ("drop", "error")
 DATA_ON = ("auto", "device", "cpu")
@@ -133,6 +135,10 @@ class Config:
     # Output.
     out: str | None = field(default=None, metadata=_opt(
         "run folder to write (default: runs/<timestamp>)", group="output"))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "replace the run already in --out (its files that this run does not write are removed; files that "
+        "are not nnfit's are kept); without it, a folder that holds files is refused", kind="bool",
+        group="output"))
     log_every: int | None = field(default=None, metadata=_opt(
         "also print the loss every N batches", kind="int", group="output"))
     resume: bool = field(default=False, metadata=_opt(

@@ -132,6 +132,11 @@ def launched() -> int:
     return _env_int("WORLD_SIZE")
 
 
+def rank() -> int:
+    """This process's rank under torchrun or ``--devices N``; 0 for a single process."""
+    return _env_int("RANK") if launched() else 0
+
+
 FAULTS = ("kill-during-save", "kill-at-step")
 
 

@@ -262,11 +262,10 @@ def inspect(model_or_run) -> Inspection:
 
 
 def _inspect_run(folder: Path) -> Inspection:
-    from nnfit import checkpoint
+    from nnfit import runfolder
 
-    state, meta = checkpoint.load_weights(folder)  # checks the folder and the weights' checksum
-    summary_path = folder / "summary.json"
-    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
+    run = runfolder.read_run(folder)  # every file and field checked, parameter_table names included
+    state, meta, summary = run.weights, run.meta, run.summary
     recorded = {r["name"]: r for r in summary.get("parameter_table", [])}
     frozen = set(meta.get("frozen", []))
     names = list(recorded) or list(state)

@@ -82,7 +82,7 @@ def _e(value) -> str:
 
 def _lead(fitted, out: Path) -> str:
     inputs, targets = ", ".join(fitted.input_names), ", ".join(fitted.target_names)
-    return (f"run folder {out} · inputs {inputs} → targets {targets} · "
+    return (f"run folder {fitted.path or out} · inputs {inputs} → targets {targets} · "
             f"written {datetime.now().strftime('%Y-%m-%d %H:%M')} by nnfit {fitted.summary.get('nnfit_version', '')}")
 
 

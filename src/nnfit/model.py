@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from nnfit import devices
+from nnfit.config import ACTIVATION_LAYERS
 from nnfit.errors import NnfitError, NnfitWarning
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+ACTIVATIONS = {name: getattr(nn, layer) for name, layer in ACTIVATION_LAYERS.items()}
 
 
 class MLP(nn.Sequential):
