@@ -20,10 +20,6 @@ REPEATABLE = {"domain": "NAME=LOW:HIGH", "patterns": "PATTERN", "unfreeze": "EPO
 
 
 class _Parser(argparse.ArgumentParser):
-    def parse_known_args(self, args=None, namespace=None):
-        self._seen = list(sys.argv[1:] if args is None else args)  # for the did-you-mean of error()
-        return super().parse_known_args(args, namespace)
-
     def error(self, message):  # one line and exit 2, like every other user mistake
         hint, prog = self._did_you_mean(message)
         raise NnfitError(f"{message}{hint} (see {prog} --help)")
@@ -44,6 +40,28 @@ class _Parser(argparse.ArgumentParser):
             return "", parser.prog
         close = [known[m[0]] for w in wrong if (m := difflib.get_close_matches(w.lstrip("-"), known, n=1, cutoff=0.7))]
         return (f"; did you mean {', '.join(close)}?" if close else ""), parser.prog
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._seen = list(sys.argv[1:] if args is None else args)  # for the did-you-mean of error()
+        namespace, extras = super().parse_known_args(args, namespace)
+        # Python 3.11's argparse reads "--opt=--" as an empty list (and skips the option's type):
+        # the user gave the text "--", which each option then judges like any other value.
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if value == [] and not isinstance(action, argparse._AppendAction):
+                value = "--" if action.type is None else self._convert(action, "--")
+            elif isinstance(value, list):
+                value = ["--" if v == [] else v for v in value]
+            else:
+                continue
+            setattr(namespace, action.dest, value)
+        return namespace, extras
+
+    def _convert(self, action, text):
+        try:
+            return action.type(text)
+        except (TypeError, ValueError):
+            self.error(f"argument {'/'.join(action.option_strings)}: invalid {action.type.__name__} value: {text!r}")
 
 
 class _HelpAll(argparse.Action):
@@ -181,8 +199,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in FIELDS:
         if hasattr(args, name):
             values[name] = parse_cli_value(name, getattr(args, name), problems)
-    if not values.get("out"):
-        values["out"] = _default_out()
+    defaulted = not values.get("out")
+    if defaulted:
+        values["out"] = "runs/<timestamp>"  # created below, once the settings are valid
     try:
         config = Config.from_dict(values)
     except NnfitError as exc:
@@ -190,16 +209,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config = None
     if problems:
         raise NnfitError("invalid settings: " + "; ".join(problems))
-    return config
+    return config.replace(out=_default_out()) if defaulted else config
 
 
 def _default_out() -> str:
+    """runs/<timestamp>, created here: two runs started in the same second get two folders (-2, -3, ...)."""
     base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return str(out)
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return str(out)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise NnfitError(f"could not create the run folder {out}: {exc.strerror or exc}; pass --out DIR") from None
+    raise NnfitError(f"{base}-2 ... {base}-999 all exist; pass --out DIR")
 
 
 def cmd_train(args) -> int:
@@ -312,6 +337,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_showwarning = warnings.showwarning
 
 
+def _silence_closed_pipes() -> None:
+    """Point stdout and stderr at /dev/null, so that flushing them at exit cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # pytest's captured streams have no file descriptor
+            pass
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -325,7 +363,12 @@ def main(argv=None) -> int:
             return 0
         if args.command in SUBCOMMANDS:
             command_settings(args)
-        return COMMANDS[args.command](args)
+        from nnfit import trainstate
+
+        # SIGINT and SIGTERM stop every command with one line and exit 130 or 143: at once, or when
+        # the phase in progress (training, saving a run) has done its work (trainstate.phase).
+        with trainstate.handling_signals():
+            return COMMANDS[args.command](args)
     except NnfitError as exc:
         if debug:
             raise
@@ -337,5 +380,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("nnfit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (nnfit inspect RUN | head -1): stop quietly, as Unix tools do
+        _silence_closed_pipes()
+        return 0
     finally:
         warnings.showwarning = previous

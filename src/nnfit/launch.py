@@ -168,12 +168,11 @@ def _check_main_guard(n: int) -> None:
 
 
 def _fit_worker(rank: int, config, frame, model) -> None:
-    from nnfit.api import fit
+    from nnfit.api import _fit_here
     from nnfit.progress import Reporter
 
-    # The launcher (this process's parent) shows the result, once.
-    fit(config=config, data=frame, model=model,
-        reporter=Reporter(quiet=config.quiet, verbose=config.verbose, results=False))
+    # The launcher holds the run folder's claim, and it shows the result, once.
+    _fit_here(config, frame, model, Reporter(quiet=config.quiet, verbose=config.verbose, results=False))
 
 
 def _read_history(path: Path) -> list[dict]:

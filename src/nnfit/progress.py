@@ -119,9 +119,13 @@ def result_text(fitted, hint: bool = True) -> str:
         lines.append(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to "
                      f"its last good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
-        lines.append(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
+        from nnfit.devices import describe_peak
+
+        lines.append(f"peak memory: {describe_peak(s['peak_memory'])}")
     if fitted.path is not None:
-        written = sorted(p.name for p in fitted.path.iterdir() if not p.name.startswith("."))
+        from nnfit.runfolder import is_run_file
+
+        written = sorted(p.name for p in fitted.path.iterdir() if is_run_file(p.name) and not p.name.startswith("."))
         lines.append(f"run folder: {fitted.path} ({', '.join(written)})")
     tutorial = config.formula == TUTORIAL_FORMULA and config.domain == TUTORIAL_DOMAIN and config.data is None
     if hint and tutorial and config.activation != "none" and not config.init_from:
