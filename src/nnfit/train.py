@@ -138,11 +138,12 @@ def _restoring_threads(fn):
     return wrapper
 
 
-def _use_threads(config, recipe: Recipe, n_params: int, device: torch.device) -> None:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif device.type == "cpu" and recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK:
-        torch.set_num_threads(1)
+def _use_threads(config, recipe: Recipe, n_params: int, ctx, reporter) -> None:
+    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK, ctx)
+    if threads:
+        torch.set_num_threads(threads)
+    if line:
+        reporter.log(line)
 
 
 @_restoring_threads
@@ -161,7 +162,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     unfreeze = freeze.unfreeze_schedule(model, config.unfreeze_at)
     freeze.check_lr_for(model, config.lr_for, {n for n, _ in named} | {n for ns in unfreeze.values() for n in ns})
     recipe = choose_recipe(config, n_train, sum(p.numel() for _, p in named))
-    _use_threads(config, recipe, sum(p.numel() for _, p in named), ctx.device)
+    _use_threads(config, recipe, sum(p.numel() for _, p in named), ctx, reporter)
     if config.lr_for and recipe.optimizer == "lbfgs":
         raise NnfitError("--lr-for gives parameters their own learning rate, but --optimizer auto chose full-batch "
                          "L-BFGS for this small problem, and L-BFGS takes all parameters in one group; "
