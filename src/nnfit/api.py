@@ -17,7 +17,7 @@ from nnfit.config import Config
 from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
-from nnfit.metrics import regression_metrics
+from nnfit.metrics import per_target_metrics, regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
@@ -256,8 +256,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
-    validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
-        if len(val_idx) else None
+    val_pred = fitted.predict_tensor(problem.X[val_idx]) if len(val_idx) else None
+    validation = regression_metrics(val_pred, problem.Y[val_idx]) if len(val_idx) else None
     summary = {
         "nnfit_version": nnfit.__version__,
         "source": problem.source,
@@ -273,6 +273,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "device": str(ctx.device),
         "validation": validation,
     }
+    if len(problem.target_names) > 1 and len(val_idx):
+        summary["per_target"] = {"validation": per_target_metrics(val_pred, problem.Y[val_idx], problem.target_names)}
     if problem.formula is not None:
         summary["test"] = fitted.evaluate()
         summary["test_samples"] = config.test_samples

@@ -190,7 +190,7 @@ def _report(model, config, command: str) -> int:
     print(f"\n{s['source']}: {epochs} in {s['train_seconds']:.2f} s; stopped: {s['stopped']}")
     before = s.get("init_from", {})
     print(metrics_table({"validation": s.get("validation"), "test before": before.get("test_before"),
-                         "test": s.get("test")}))
+                         "test": s.get("test")}, s.get("per_target")))
     if "test" in s:
         print(f"test: {s['test_samples']} fresh points from the domain, compared with the true formula")
     if before:
