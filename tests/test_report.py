@@ -95,8 +95,11 @@ def fine_tuned_run(tmp_path_factory):
     return nnfit.load(str(out)), out, base
 
 
-def open_in_browser(page, tmp_path):
-    """Load ``page`` (HTML text) from disk in headless Chromium: (the probe's findings, console lines)."""
+def open_in_browser(page, tmp_path, shot=None):
+    """Load ``page`` (HTML text) from disk in headless Chromium: (the probe's findings, console lines).
+
+    With ``shot`` (a path), the same load also writes a 1000x1400 screenshot there.
+    """
     probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';", 1)
     probed = probed.replace("<head>", "<head>\n" + PROBE, 1)
     path = tmp_path / "probed.html"
@@ -105,6 +108,8 @@ def open_in_browser(page, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
            "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", path.as_uri()]
+    if shot is not None:
+        cmd[1:1] = ["--hide-scrollbars", "--window-size=1000,1400", f"--screenshot={shot}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     found = re.search(r'<pre id="nnfit-probe">(.*?)</pre>', done.stdout, re.S)
@@ -146,20 +151,6 @@ def test_no_report_without_plots(tmp_path):
     assert not (tmp_path / "r" / "report.html").exists()
 
 
-def screenshot(path, tmp_path):
-    """Headless Chromium's picture of the page at ``path``: an (h, w, channels) array."""
-    import matplotlib.image
-
-    shot = tmp_path / f"{path.parent.name}.png"
-    cmd = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'shot-profile'}", "--hide-scrollbars", "--window-size=1000,1400",
-           f"--screenshot={shot}", path.as_uri()]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
-    return matplotlib.image.imread(shot)
-
-
 @needs_browser
 @pytest.mark.parametrize("which", ["formula", "table", "two targets", "fine-tuned"])
 def test_every_kind_of_run_renders_in_headless_chromium(which, run, table_run, two_target_run, fine_tuned_run,
@@ -167,7 +158,8 @@ def test_every_kind_of_run_renders_in_headless_chromium(which, run, table_run, t
     """Each kind of run: every section laid out, every image decoded, no error, and a picture that is not blank."""
     model, out = {"formula": run[:2], "table": table_run, "two targets": two_target_run,
                   "fine-tuned": fine_tuned_run[:2]}[which]
-    seen, console = open_in_browser((out / "report.html").read_text(encoding="utf-8"), tmp_path)
+    shot = tmp_path / "page.png"
+    seen, console = open_in_browser((out / "report.html").read_text(encoding="utf-8"), tmp_path, shot)
     assert seen["h2"] == HEADINGS
     assert [s["id"] for s in seen["sections"]] == ["metrics", "loss", "fit", "residuals", "parameters", "timing",
                                                    "config"]
@@ -184,7 +176,9 @@ def test_every_kind_of_run_renders_in_headless_chromium(which, run, table_run, t
         assert seen["frozen"] == ["l1.weight", "l1.bias"]
     if which == "two targets":
         assert "validation-per-target-table" in seen["tables"]
-    pixels = screenshot(out / "report.html", tmp_path)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 900
     colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 50  # text, tables and plots, not one blank colour
