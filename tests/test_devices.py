@@ -198,7 +198,8 @@ CPU = devices.Context(device=torch.device("cpu"))
     (None, False, 2, 1.0, {}, 1, "threads: 1 of 2 (the other core is busy: about 1.0 free"),
     (None, False, 2, 0.1, {}, 1, "threads: 1 of 2 (the other core is busy"),
     (None, False, 8, 3.0, {}, 3, "threads: 3 of 8 (5 of the cores are busy"),
-    (None, False, 1, 1.0, {}, 1, ""),
+    (None, False, 1, 1.0, {}, None, ""),
+    (None, True, 1, 1.0, {}, 1, ""),
     (None, False, 2, None, {}, None, ""),                # no /proc/stat: torch's own choice
     (None, False, 2, 1.0, {"OMP_NUM_THREADS": "2"}, None, ""),  # the user's environment decides
 ])
@@ -216,7 +217,9 @@ def test_cpu_threads_counts_the_cores_actually_free(monkeypatch, asked, small, c
 def test_cpu_threads_leaves_gpu_and_ddp_runs_alone(monkeypatch):
     monkeypatch.setattr(devices, "free_cores", lambda: pytest.fail("a GPU run must not sample the CPU load"))
     assert devices.cpu_threads(None, False, devices.Context(device=torch.device("cuda", 0))) == (None, "")
-    assert devices.cpu_threads(None, False, devices.Context(device=torch.device("cpu"), backend="gloo")) == (None, "")
+    worker = devices.Context(device=torch.device("cpu"), backend="gloo")
+    assert devices.cpu_threads(None, False, worker) == (None, "")  # init_context gave it its share of the cores
+    assert devices.cpu_threads(None, True, worker) == (1, "")  # a small network: one thread, as in one process
 
 
 def test_free_cores_reads_proc_stat(monkeypatch, tmp_path):

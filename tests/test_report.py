@@ -36,7 +36,8 @@ window.addEventListener("load", () => {
     metrics: [...document.querySelectorAll("#metrics-table tbody tr")].map(r => [...r.cells].map(c => c.textContent)),
     frozen: [...document.querySelectorAll("#parameter-table tr.frozen td:first-child")].map(c => c.textContent),
     images: [...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, complete: i.complete})),
-    sections: [...document.querySelectorAll("section")].map(s => ({id: s.id, height: s.getBoundingClientRect().height})),
+    sections: [...document.querySelectorAll("section")]
+      .map(s => ({id: s.id, height: s.getBoundingClientRect().height})),
     columns: [...document.querySelectorAll("#metrics-table thead th")].map(c => c.textContent),
     tables: [...document.querySelectorAll("table")].map(t => t.id),
     errors: __errors,

@@ -265,20 +265,22 @@ def free_cores(window: float = LOAD_WINDOW) -> float | None:
 def cpu_threads(asked: int | None, small: bool, ctx: Context) -> tuple[int | None, str]:
     """The CPU threads for a training run, and the line that says why.
 
-    ``--threads N`` wins; then ``OMP_NUM_THREADS``; a small network gets one thread (more only add
-    synchronization); otherwise one thread per core that is actually free now. Threads that wait at
-    a barrier for a core another process holds make the whole run several times slower, so a busy
-    core is not counted. Returns (None, "") where torch's setting is left alone (GPU runs, DDP workers).
+    ``--threads N`` wins; a small network gets one thread (more only add synchronization); then
+    ``OMP_NUM_THREADS`` or a DDP worker's share of the cores stay; otherwise one thread per core that
+    is actually free now: threads that wait at a barrier for a core another process holds make the
+    whole run several times slower. Returns (None, "") where torch's setting is left alone.
     """
     if asked:
         return asked, ""
-    if ctx.device.type != "cpu" or ctx.distributed or "OMP_NUM_THREADS" in os.environ:
+    if ctx.device.type != "cpu":
         return None, ""
     cores = _cpu_count()
-    if cores == 1:
-        return 1, ""
     if small:
+        if cores == 1 or ctx.distributed:  # nothing to choose, or one line per worker
+            return 1, ""
         return 1, f"threads: 1 of {cores} (a small network: more threads would only add synchronization)"
+    if ctx.distributed or "OMP_NUM_THREADS" in os.environ or cores == 1:
+        return None, ""
     free = free_cores()
     if free is None:
         return None, ""
