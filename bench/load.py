@@ -30,7 +30,8 @@ from _common import load_report, machine, table  # noqa: E402
 FIT = ["--formula", "sin(3*x)*exp(-x)", "--domain", "x=0:3", "--samples", "5000"]
 QUICK = [*FIT, "--epochs", "3"]
 CHOICES = {"default": [], "--threads 1": ["--threads", "1"], "--threads 2": ["--threads", "2"]}
-SPIN = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"
+# One busy core; it stops by itself when this script is gone (killed before it could stop it).
+SPIN = "import os, time\nparent, end = os.getppid(), time.time() + 3600\nwhile time.time() < end and os.getppid() == parent:\n    pass\n"
 
 
 def train_once(fit: list[str], extra: list[str]) -> tuple[float, str]:
@@ -89,7 +90,9 @@ def main() -> None:
         rows.append(["one busy process added" if spinner else "no load added",
                      *(f"{medians[name]:.2f} s" for name in CHOICES), f"{ratio:.2f}x", verdict, chosen,
                      load_before])
-    print(table(["machine", *CHOICES, "default ÷ best", "target", "default chose", "load at start"], rows))
+        # The table so far, after each condition: on a loaded machine the busy half can take long.
+        print(table(["machine", *CHOICES, "default ÷ best", "target", "default chose", "load at start"], rows,
+                    title=f"after {len(rows)} of 2 conditions:"), flush=True)
 
 
 if __name__ == "__main__":
