@@ -31,7 +31,8 @@ FIT = ["--formula", "sin(3*x)*exp(-x)", "--domain", "x=0:3", "--samples", "5000"
 QUICK = [*FIT, "--epochs", "3"]
 CHOICES = {"default": [], "--threads 1": ["--threads", "1"], "--threads 2": ["--threads", "2"]}
 # One busy core; it stops by itself when this script is gone (killed before it could stop it).
-SPIN = "import os, time\nparent, end = os.getppid(), time.time() + 3600\nwhile time.time() < end and os.getppid() == parent:\n    pass\n"
+SPIN = ("import os, time\nparent, end = os.getppid(), time.time() + 3600\n"
+        "while time.time() < end and os.getppid() == parent:\n    pass\n")
 
 
 def train_once(fit: list[str], extra: list[str]) -> tuple[float, str]:
