@@ -74,8 +74,9 @@ def train_nnfit(Xtr, ytr, Xte, yte, budget, stop_mse=None, **settings):
 
         def epoch(self, row, improved):
             clock.pause()
+            device = next(module.parameters()).device  # nnfit placed the module: cuda:0 with device auto on a GPU
             with torch.inference_mode():
-                pred = scaling.unscale_y(module(Xte_s).double()).numpy()
+                pred = scaling.unscale_y(module(Xte_s.to(device)).double().cpu()).numpy()
             trace.append((clock.spent, _mse(pred, yte)))
             clock.resume()
 

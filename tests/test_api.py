@@ -37,13 +37,19 @@ def test_run_folder_has_every_file(tutorial_run):
 
 def test_save_load_predict_gives_identical_numbers(tutorial_run, tmp_path):
     model, out = tutorial_run
-    loaded = nnfit.load(out)
+    device = str(model.device)  # identical numbers on the device it trained on (cuda:0 where there is a GPU)
+    loaded = nnfit.load(out, device=device)
+    assert loaded.device == model.device
     X = np.random.default_rng(1).uniform(0, 1, size=(257, 1))
     assert np.array_equal(model.predict(X), loaded.predict(X))
     assert loaded.input_names == ("x",) and loaded.config.formula == "x**2 + x"
     # saving the loaded model again round-trips too
-    again = nnfit.load(loaded.save(tmp_path / "again", plots=False))
+    again = nnfit.load(loaded.save(tmp_path / "again", plots=False), device=device)
     assert np.array_equal(again.predict(X), model.predict(X))
+    # the default loads on the CPU: the same numbers up to float rounding of another device's kernels
+    on_cpu = nnfit.load(out)
+    assert on_cpu.device == torch.device("cpu")
+    np.testing.assert_allclose(on_cpu.predict(X), model.predict(X), rtol=0, atol=1e-5)  # float32 rounding
 
 
 def test_predict_accepts_numpy_dataframe_and_tensor(tutorial_run):
@@ -162,7 +168,7 @@ def test_custom_module_trains_saves_and_loads(tmp_path):
     assert model.summary["test"]["mse"] < 1e-4
     with pytest.raises(NnfitError, match="custom module"):
         nnfit.load(tmp_path / "run")
-    loaded = nnfit.load(tmp_path / "run", model=Custom())
+    loaded = nnfit.load(tmp_path / "run", model=Custom(), device=str(model.device))
     assert np.array_equal(loaded.predict([[0.3]]), model.predict([[0.3]]))
 
 

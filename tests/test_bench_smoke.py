@@ -21,3 +21,15 @@ def test_core_bench_quick_prints_its_tables():
     assert nnfit_row.split("|")[2].strip().endswith(" s") and ">" not in nnfit_row.split("|")[2]
     rates = [line for line in out.splitlines() if line.startswith(("| 64 ", "| 1024 "))]
     assert len(rates) == 2 and all(line.split("|")[-2].strip().endswith("x") for line in rates), out
+
+
+def test_ensemble_bench_quick_prints_its_tables():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ensemble.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    speed = [line for line in out.splitlines() if line.startswith("| cpu ")]
+    assert len(speed) == 2 and all(line.split("|")[5].strip().endswith("x") for line in speed), out
+    spread = [line for line in out.splitlines() if line.startswith(("| x**2 + x ", "| sin(3*x)*exp(-x) "))]
+    assert len(spread) == 2 and all(line.split("|")[7].strip().endswith("x") for line in spread), out

@@ -96,6 +96,36 @@ def test_single_process_context_reads_no_torchrun_variables(machine, monkeypatch
     devices.cleanup_context(ctx)
 
 
+def test_a_cuda_run_uses_deterministic_kernels_and_gives_the_settings_back(machine):
+    import os
+
+    import torch.utils.deterministic as deterministic
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")  # set when nnfit is imported
+    machine(gpus=1)
+    before = (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory)
+    ctx = devices.init_context(Config(device="cuda"))  # placing nothing: no CUDA call is made
+    try:
+        assert ctx.device == torch.device("cuda", 0)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not deterministic.fill_uninitialized_memory  # no extra kernel per allocation
+    finally:
+        devices.cleanup_context(ctx)
+    assert (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory) == before
+    machine(gpus=0)
+    ctx = devices.init_context(Config(device="cpu"))  # the CPU is deterministic as it is: nothing changes
+    assert torch.are_deterministic_algorithms_enabled() == before[0]
+    devices.cleanup_context(ctx)
+
+
+def test_a_copy_goes_back_to_its_device_where_that_exists(machine):
+    machine(gpus=1)
+    assert devices.where_it_was("cuda:0") == torch.device("cuda", 0)
+    assert devices.where_it_was("cuda:3") == torch.device("cpu")
+    machine(gpus=0)
+    assert devices.where_it_was("cuda:0") == devices.where_it_was("mps") == torch.device("cpu")
+
+
 def _torchrun_env(monkeypatch, rank=0, world=1, local_rank=0):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))

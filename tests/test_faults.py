@@ -39,17 +39,25 @@ def baselines(tmp_path_factory):
 
 def poison_steps(monkeypatch, bad):
     """From the training steps in ``bad`` on, the weights become NaN, as after an overflow."""
-    real, calls = train_module._step, [0]
+    real, calls = train_module.make_step, [0]
 
-    def step(model, optimizer, xb, yb, grad_clip, plan):
-        calls[0] += 1
-        loss = real(model, optimizer, xb, yb, grad_clip, plan)
-        if bad(calls[0]):
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return loss
+    def make_step(model, optimizer, plan, config):
+        inner = real(model, optimizer, plan, config)
 
-    monkeypatch.setattr(train_module, "_step", step)
+        class Poisoned:
+            invalidate = inner.invalidate
+
+            def __call__(self, xb, yb):
+                calls[0] += 1
+                loss = inner(xb, yb)
+                if bad(calls[0]):
+                    with torch.no_grad():
+                        next(model.parameters()).fill_(float("nan"))
+                return loss
+
+        return Poisoned()
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
 
 
 def test_nan_loss_rolls_back_and_halves_the_learning_rate(tmp_path, monkeypatch, capsys):
@@ -100,7 +108,7 @@ def test_disk_full_while_saving_keeps_the_previous_state(baselines, tmp_path, mo
     def fdopen(fd, mode="r", *args, **kwargs):
         calls[0] += 1
         f = real(fd, mode, *args, **kwargs)
-        return Full(f) if calls[0] >= 6 else f  # 1: config.json, 2-3: step 5, 4-5: step 10, 6: epoch 1's end
+        return Full(f) if calls[0] >= 5 else f  # 1-2: step 5, 3-4: step 10, 5: epoch 1's end
 
     run = tmp_path / "run"
     monkeypatch.setattr(os, "fdopen", fdopen)
@@ -143,9 +151,9 @@ def test_signal_saves_the_state_and_resume_finishes_identically(baselines, tmp_p
 def test_a_second_signal_stops_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as caught:
-        with trainstate.handling_signals():
+        with trainstate.handling_signals(), trainstate.phase("training", deferred=True):
             os.kill(os.getpid(), signal.SIGINT)
-            assert trainstate.STOP.signal == signal.SIGINT  # the first one only asks
+            assert trainstate.STOP.signal == signal.SIGINT  # in training, the first one only asks
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(1000):  # the handler runs between bytecodes
                 pass

@@ -19,7 +19,8 @@ SMALL = dict(formula="x**2 + x", hidden=(16, 16), samples=200, test_samples=500,
 
 
 def snapshot(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
+    """CPU copies of the parameters, wherever the module is (on a GPU machine nnfit trains on cuda:0)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
 
 
 class Recorder:
@@ -169,13 +170,13 @@ def test_training_run_leaves_frozen_tensors_bit_identical(settings):
     for name in ("l1.weight", "l1.bias"):
         assert freeze.bit_identical(dict(net.named_parameters())[name], start[name])
     for name in ("l2.weight", "l2.bias", "l3.weight", "l3.bias"):
-        assert not torch.equal(dict(net.named_parameters())[name], start[name]), name
+        assert not torch.equal(dict(net.named_parameters())[name].cpu(), start[name]), name
     s = model.summary
     assert s["frozen"] == "l1.weight, l1.bias (unchanged)"
     rows = {r["name"]: r for r in s["parameter_table"]}
     assert rows["l1.weight"]["moved"] == 0 and rows["l1.weight"]["grad_norm"] is None
     assert not rows["l1.bias"]["trainable"] and rows["l2.weight"]["trainable"]
-    moved = torch.linalg.vector_norm(net.l2.weight.detach() - start["l2.weight"]).item()
+    moved = torch.linalg.vector_norm(net.l2.weight.detach().cpu() - start["l2.weight"]).item()
     assert rows["l2.weight"]["moved"] == pytest.approx(moved, rel=1e-5) and moved > 0
     assert rows["l3.weight"]["grad_norm"] > 0
 
@@ -257,7 +258,7 @@ def test_lr_for_follows_the_one_cycle_schedule_and_applies_to_unfrozen_groups(op
     nnfit.fit(domain={"x": (0, 1)}, model=net, optimizer="adam", lr=1e-3, schedule="onecycle", freeze=["l1"],
               unfreeze_at={2: "l1"}, lr_for={"l1": 1e-2}, epochs=4, batch_size=32, **SMALL)
     groups = optimizers[0].param_groups
-    assert [g["max_lr"] for g in groups] == [1e-3, 1e-2]  # the unfrozen layer got its group and its own peak
+    assert [g["base_lr"] for g in groups] == [1e-3, 1e-2]  # the unfrozen layer got its group and its own peak
     assert groups[1]["params"] == [net.l1.weight, net.l1.bias]
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])  # and it follows the same schedule
 
@@ -297,8 +298,8 @@ def tuned_run(base_run, tmp_path_factory):
 def test_init_from_starts_from_the_run_keeps_its_scaling_and_improves(base_run, tuned_run, capsys):
     base, _ = base_run
     tuned = nnfit.load(tuned_run)
-    assert torch.equal(tuned.module.l1.weight, base.module.l1.weight)  # frozen, so still the base run's
-    assert not torch.equal(tuned.module.l2.weight, base.module.l2.weight)
+    assert torch.equal(tuned.module.l1.weight, base.module.l1.weight.cpu())  # frozen, so still the base run's
+    assert not torch.equal(tuned.module.l2.weight, base.module.l2.weight.cpu())
     assert tuned.scaling.to_dict() == base.scaling.to_dict()  # kept from the original run
     s = json.loads((tuned_run / "summary.json").read_text())
     assert s["init_from"]["run"].endswith("base") and s["init_from"]["scaling"] == "kept from the run"

@@ -1,5 +1,5 @@
 """Exact resume: a run killed anywhere continues, with ``nnfit resume RUN``, to final weights that are
-bit-identical to those of an uninterrupted run (CPU, fixed seed)."""
+bit-identical to those of an uninterrupted run (fixed seed; on the CPU, and on a CUDA GPU with device auto)."""
 
 import json
 import os
@@ -59,10 +59,10 @@ def leftovers(run):
 
 @pytest.mark.parametrize("recipe, fault, saved_at", [
     ("adam-onecycle", "kill-at-step:23", {"epoch": 2, "step": 8, "finished": False}),  # mid-epoch
-    # Writes: config.json (1), then per save the tensors and state.json. Write 4 is the second save's
-    # tensors, write 5 its state.json: the new tensor file is in place but not yet named by state.json.
+    # Writes: per save the tensors, then state.json (which holds the config). Write 3 is the second save's
+    # tensors, write 4 its state.json: the new tensor file is in place but not yet named by state.json.
+    ("adam-onecycle", "kill-during-save:3", {"epoch": 1, "step": 5, "finished": False}),
     ("adam-onecycle", "kill-during-save:4", {"epoch": 1, "step": 5, "finished": False}),
-    ("adam-onecycle", "kill-during-save:5", {"epoch": 1, "step": 5, "finished": False}),
     ("sgd-cosine-unfreeze", "kill-at-step:15", {"epoch": 2, "step": 4, "finished": False}),  # after an unfreeze
     ("lbfgs", "kill-at-step:3", {"epoch": 1, "finished": True}),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import time
@@ -12,13 +13,14 @@ import numpy as np
 import torch
 
 import nnfit
-from nnfit import checkpoint, devices, freeze, trainstate
-from nnfit.config import Config
-from nnfit.data import Problem, Scaling, as_matrix, build_problem, formula_values, sample_domain, split_indices
+from nnfit import checkpoint, devices, freeze, runfolder, trainstate
+from nnfit.config import INT64_MAX, Config
+from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
+                        split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.formula import parse_formula
 from nnfit.metrics import per_target_metrics, regression_metrics
-from nnfit.model import architecture, build_mlp, check_module, instantiate, rebuild
+from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
 
@@ -27,7 +29,11 @@ TEST_SEED_OFFSET = 1_000_003  # fresh test points never coincide with the traini
 
 
 class FittedModel:
-    """A trained network with its scaling, names and provenance. Predictions are in original units."""
+    """A trained network with its scaling, names and provenance. Predictions are in original units.
+
+    An ensemble (``ensemble=K``) holds a ``StackedMLP`` of K members: ``predict`` gives their mean, and
+    ``predict(X, return_std=True)`` also their standard deviation, the ensemble's uncertainty.
+    """
 
     def __init__(self, module, scaling: Scaling, input_names, target_names, config: Config,
                  history=None, summary=None):
@@ -44,7 +50,13 @@ class FittedModel:
         arch = architecture(self.module)
         shape = "→".join(map(str, [arch["inputs"], *arch["hidden"], arch["outputs"]])) if arch["type"] == "mlp" \
             else arch["class"]
-        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)})"
+        ensemble = f", ensemble={self.members}" if self.members > 1 else ""
+        return f"FittedModel({shape}, inputs={list(self.input_names)}, targets={list(self.target_names)}{ensemble})"
+
+    @property
+    def members(self) -> int:
+        """How many networks the model holds: K for an ensemble, else 1."""
+        return members(self.module)
 
     @property
     def formula(self):
@@ -56,7 +68,13 @@ class FittedModel:
         return next(self.module.parameters()).device
 
     def predict_tensor(self, X: torch.Tensor) -> torch.Tensor:
-        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k)."""
+        """Predictions for a float64 CPU tensor of shape (n, d), as float64 of shape (n, k); an ensemble's
+        are the mean over its members."""
+        out = self.member_predictions(X)
+        return out if out.dim() == 2 else out.mean(dim=0)
+
+    def member_predictions(self, X: torch.Tensor) -> torch.Tensor:
+        """Every member's predictions: float64 (K, n, k) for an ensemble, (n, k) for a single network."""
         device = self.device
         dtype = next(self.module.parameters()).dtype
         x_mean, x_std, y_mean, y_std = self.scaling.tensors(device, dtype)
@@ -68,7 +86,7 @@ class FittedModel:
             while i < len(X):
                 try:
                     xb = (X[i:i + chunk].to(device=device, dtype=dtype) - x_mean) / x_std
-                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))
+                    out.append((self.module(xb) * y_std + y_mean).to("cpu", torch.float64))  # (b, k) or (K, b, k)
                 except RuntimeError as exc:
                     if not devices.is_out_of_memory(exc):
                         raise
@@ -77,15 +95,27 @@ class FittedModel:
                     chunk = self._chunk = guard.halve(chunk, "prediction", device)
                     continue
                 i += chunk
-        return torch.cat(out) if out else torch.empty(0, len(self.target_names), dtype=torch.float64)
+        if not out:
+            empty = (0, len(self.target_names))
+            return torch.empty(empty if self.members == 1 else (self.members, *empty), dtype=torch.float64)
+        return torch.cat(out, dim=-2)
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, return_std: bool = False):
         """Predict for ``X`` (numpy array, DataFrame with the input columns, or tensor).
 
-        Returns shape (n,) for one target and (n, k) for several, in original units.
+        Returns shape (n,) for one target and (n, k) for several, in original units: for an ensemble,
+        the mean of its members. With ``return_std=True`` (ensembles only), returns ``(mean, std)``, std
+        being the members' standard deviation (with Bessel's correction) per sample and target.
         """
-        pred = self.predict_tensor(as_matrix(X, self.input_names, allowed_extra=self.target_names)).numpy()
-        return pred[:, 0] if pred.shape[1] == 1 else pred
+        if return_std and self.members == 1:
+            raise NnfitError("return_std=True asks for the spread of an ensemble's members, but this model is a "
+                             "single network, so there is no spread to give; train with ensemble=K (K >= 2, "
+                             "CLI: --ensemble K)")
+        out = self.member_predictions(as_matrix(X, self.input_names, allowed_extra=self.target_names))
+        mean = (out if out.dim() == 2 else out.mean(dim=0)).numpy()
+        if not return_std:
+            return _squeezed(mean)
+        return _squeezed(mean), _squeezed(out.std(dim=0).numpy())
 
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
                  seed: int | None = None) -> dict[str, float]:
@@ -93,8 +123,8 @@ class FittedModel:
         formula run with neither, on fresh points drawn from the domain."""
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise NnfitError(f"--seed must be 0 or more, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
+            raise NnfitError(f"--seed must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
@@ -129,11 +159,39 @@ class FittedModel:
                              f"{len(self.target_names)} ({', '.join(self.target_names)})")
         return regression_metrics(self.predict_tensor(X_t), Y_t)
 
-    def save(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
-        """Write the run folder: weights, metadata, config, metrics, summary and plots."""
+    def save(self, out, plots: bool = True, problem: Problem | None = None, overwrite: bool = False) -> Path:
+        """Write the run folder: weights, metadata, config, metrics, summary and plots.
+
+        A folder that already holds files is refused unless ``overwrite=True``, which replaces the run in it
+        and keeps files that are not nnfit's. The files are written beside the previous run and moved into
+        place at the end, so a failure leaves the previous run whole.
+        """
+        with runfolder.Claim(out, overwrite=overwrite):
+            return self._write(out, plots, problem)
+
+    def _write(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
+        """Write the run into ``out``, whose claim the caller holds: staged, then committed; then the plots."""
         from nnfit import report
 
         out = Path(out)
+        self.path = out
+        with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
+                              kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
+            with runfolder.staged(out) as stage:
+                self._write_files(stage)
+            runfolder.commit(out, keep=("tb",) if self.config.tensorboard else ())
+        if plots:
+            from nnfit import html_report
+
+            with trainstate.phase("writing the plots", kept=f"the model is saved in {out}, without its plots"):
+                report.write_plots(out, self, problem)
+                html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
+        return out
+
+    def _write_files(self, out: Path) -> None:
+        """The run's model, metadata, config, summary and metrics (not the plots) into ``out``."""
+        from nnfit import report
+
         state = self.module.state_dict()
         meta = {
             "nnfit_version": nnfit.__version__,
@@ -150,13 +208,10 @@ class FittedModel:
             checkpoint.write_json(out / "summary.json", self.summary)
         if self.history:
             report.write_metrics_csv(out / "metrics.csv", self.history)
-        if plots:
-            from nnfit import html_report
 
-            report.write_plots(out, self, problem)
-            html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
-        self.path = out
-        return out
+
+def _squeezed(pred: np.ndarray) -> np.ndarray:
+    return pred[:, 0] if pred.shape[1] == 1 else pred
 
 
 def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, model=None,
@@ -187,10 +242,26 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         config = config.replace(**values, **settings)
     if frame is not None and config.formula is not None:
         raise NnfitError("formula and data were both given; choose one source of samples")
-    if config.devices > 1 and not devices.launched():
-        from nnfit import launch
+    with _claim(config):
+        if config.devices > 1 and not devices.launched():
+            from nnfit import launch
 
-        return launch.fit_in_workers(config, frame, model)
+            return launch.fit_in_workers(config, frame, model)
+        return _fit_here(config, frame, model, reporter)
+
+
+def _claim(config: Config):
+    """The run folder's owner is the process that started the run: this one, or under torchrun rank 0
+    (``--devices N`` workers run ``_fit_here`` under their launcher's claim)."""
+    from contextlib import nullcontext
+
+    if not config.out or devices.rank() != 0:
+        return nullcontext()
+    return runfolder.Claim(config.out, overwrite=config.overwrite, resume=config.resume)
+
+
+def _fit_here(config: Config, frame, model, reporter: Reporter | None) -> FittedModel:
+    """``fit`` in this process (one device, or one worker of a DDP run)."""
     ctx = devices.init_context(config)
     # Under torch.distributed only rank 0 prints progress and warnings.
     if not ctx.is_main:
@@ -201,7 +272,8 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         with warnings.catch_warnings():
             if not ctx.is_main:
                 warnings.simplefilter("ignore", NnfitWarning)
-            fitted = _fit(config, ctx, frame, model, reporter)
+            with trainstate.phase("preparing the run", kept=functools.partial(_kept_after_stop, config.out)):
+                fitted = _fit(config, ctx, frame, model, reporter)
         failed = False
         return fitted
     finally:
@@ -212,17 +284,26 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
          scaling: Scaling | None = None) -> FittedModel:
     """``scaling`` (with ``user_model``, a trained module) continues a fit: nnfit.Regressor.partial_fit."""
     started = time.perf_counter()
-    problem = build_problem(config, frame)
+    kept = functools.partial(_kept_after_stop, config.out)
+    with trainstate.phase("loading the data", kept=kept):
+        problem = build_problem(config, frame)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
+    dtype_name = dtype_for_values(problem, config.dtype, config.precision, ctx.device)
+    if dtype_name != config.dtype:
+        config = config.replace(dtype=dtype_name)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
-    init = checkpoint.load_weights(config.init_from) if config.init_from else None
+    init = runfolder.read_model(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
         scaling = Scaling.from_dict(init[1]["scaling"])  # fine-tuning keeps the run's units by default
     scaling = scaling or Scaling.fit(problem.X[train_idx], problem.Y[train_idx], problem.target_names)
     dtype = getattr(torch, config.dtype)
 
     torch.manual_seed(config.seed)
+    if user_model is not None and config.ensemble > 1:
+        raise NnfitError(f"--ensemble {config.ensemble} stacks K copies of nnfit's own MLP into one computation, "
+                         f"and a custom module ({type(user_model).__name__}) cannot be stacked; drop ensemble=, "
+                         "or describe the network with --hidden and --activation")
     if user_model is not None:
         user_model = instantiate(user_model)
         check_module(user_model, problem.input_names, problem.target_names, None, None)
@@ -232,7 +313,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if config.freeze:
         freeze.freeze(module, config.freeze)  # before placing: a distributed wrapper must see the final flags
     module = devices.place_model(module, ctx, dtype)
-    check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
+    if user_model is not None:  # nnfit's own MLP (or stacked MLPs) is built to the data's shape
+        check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
 
     devices.reset_peak_memory(ctx)
     nbytes = len(problem.X) * (problem.X.shape[1] + problem.Y.shape[1]) * torch.finfo(dtype).bits // 8
@@ -249,15 +331,18 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(f"learning {problem.source} with {len(problem.input_names)} input(s) "
                  f"({', '.join(problem.input_names)}) on {ctx.device}{workers}")
     reporter.log(data_line)
-    saver = _saver(config, ctx, problem, user_model) if config.out else None
+    saver = _saver(config, ctx, problem, user_model, module) if config.out else None
     try:
-        result = train(module, data, config, reporter, ctx, saver)
+        with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
+            result = train(module, data, config, reporter, ctx, saver)
     except TrainingDiverged as exc:
         raise _keep_best(exc, module, scaling, problem, config, ctx) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
-    val_pred = fitted.predict_tensor(problem.X[val_idx]) if len(val_idx) else None
-    validation = regression_metrics(val_pred, problem.Y[val_idx]) if len(val_idx) else None
+    with trainstate.phase("the final evaluation", kept=kept):
+        val_pred = fitted.predict_tensor(problem.X[val_idx]) if len(val_idx) else None
+        validation = regression_metrics(val_pred, problem.Y[val_idx]) if len(val_idx) else None
+        test = fitted.evaluate() if problem.formula is not None else None
     summary = {
         "nnfit_version": nnfit.__version__,
         "source": problem.source,
@@ -276,7 +361,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if len(problem.target_names) > 1 and len(val_idx):
         summary["per_target"] = {"validation": per_target_metrics(val_pred, problem.Y[val_idx], problem.target_names)}
     if problem.formula is not None:
-        summary["test"] = fitted.evaluate()
+        summary["test"] = test
         summary["test_samples"] = config.test_samples
     if init is not None:
         summary["init_from"] = before
@@ -292,16 +377,40 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
+    _require_finite_metrics(summary, config)
     if result.rollbacks:
         summary["rollbacks"] = result.rollbacks
+    if result.member_best_epochs:
+        summary["ensemble"] = {"members": len(result.member_best_epochs),
+                               "best_epochs": result.member_best_epochs,
+                               "best_val_losses": result.member_best_val_losses}
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
-        fitted.save(config.out, plots=config.plots, problem=problem)
-        checkpoint.remove_state(config.out)  # the finished model replaces the training state
+        fitted._write(config.out, plots=config.plots, problem=problem)  # replaces the training state too
     return fitted
 
 
-def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
+def _kept_after_stop(out) -> str:
+    """What a run stopped by a signal before its model was saved leaves behind."""
+    if out and checkpoint.has_state(out):
+        return f"the training state in {out} is intact; continue with: nnfit resume {out}"
+    return "nothing of this run was saved"
+
+
+def _require_finite_metrics(summary: dict, config: Config) -> None:
+    """A run never reports success with NaN metrics: a NaN or infinite final metric is an error."""
+    for split in ("validation", "test"):
+        bad = {k: v for k, v in (summary.get(split) or {}).items()
+               if isinstance(v, (int, float)) and not np.isfinite(v)}
+        if bad:
+            shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+            kept = f"; the training state in {config.out} is kept, but no model was saved" if config.out else ""
+            raise NnfitError(f"the final {split} metrics of {summary['source']} are not finite ({shown}): the "
+                             f"model's predictions overflow {config.dtype}; rescale the target or pass "
+                             f"--dtype float64{kept}")
+
+
+def _saver(config: Config, ctx, problem: Problem, user_model, module) -> trainstate.Saver:
     """Where the training state goes; with ``config.resume``, the verified state to continue from."""
     digest = hashlib.sha256()
     for T in (problem.X, problem.Y):
@@ -314,10 +423,21 @@ def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Save
             raise NnfitError(f"the samples of {problem.source} are not those the run in {config.out} started with "
                              "(the file changed, or another DataFrame was passed); resume needs the same data, "
                              "or start a new run")
+        _check_state_fits(state, module, Path(config.out) / checkpoint.STATE)
     info = {"nnfit_version": nnfit.__version__, "config": config.replace(resume=False).to_dict(),
             "fingerprint": fingerprint, "source": "dataframe" if config.data is None and config.formula is None
             else problem.source, "custom_model": type(user_model).__name__ if user_model is not None else None}
     return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state, ctx.distributed)
+
+
+def _check_state_fits(state: trainstate.State, module, where: Path) -> None:
+    """The saved model, best and starting tensors have this run's names, shapes and dtype."""
+    module = freeze.unwrap(module)
+    dtype = next(module.parameters()).dtype
+    tensors = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    params = {k: tuple(p.shape) for k, p in module.named_parameters()}
+    for prefix, expected in (("model", tensors), ("best", tensors), ("start", params)):
+        runfolder.check_tensors(trainstate.part(state, prefix), expected, dtype, f"{where} ({prefix})")
 
 
 def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx):
@@ -330,7 +450,7 @@ def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem
     summary = {"nnfit_version": nnfit.__version__, "source": problem.source, "stopped": result.stopped,
                "best_epoch": result.best_epoch, "rollbacks": result.rollbacks, "diverged": True}
     FittedModel(module, scaling, problem.input_names, problem.target_names, config.replace(resume=False),
-                result.history, summary).save(config.out, plots=False)
+                result.history, summary)._write(config.out, plots=False)
     return TrainingDiverged(f"{exc}. The best weights (epoch {result.best_epoch}, validation loss "
                             f"{result.best_val_loss:.4e}) are saved in {config.out}", result)
 
@@ -383,7 +503,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
-    with a fixed seed on the CPU, the final weights are bit-identical to those of an uninterrupted run.
+    with a fixed seed, on the CPU or a CUDA GPU (deterministic kernels), the final weights are
+    bit-identical to those of an uninterrupted run on the same device type.
 
     Args:
         run: the run folder (``out=`` of ``fit``, ``--out`` of ``nnfit train``).
@@ -396,8 +517,9 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
         The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
     """
     run = Path(run)
+    runfolder.check_free(run)  # a run that is still training is not resumed a second time
     state = trainstate.load(run)  # every problem with the state is reported before any work
-    config = Config.from_dict(checkpoint.read_json(run / "config.json", "run config"))
+    config = Config.from_dict(state.info["config"])  # checked by the reader
     if not config.out or Path(config.out).resolve() != run.resolve():
         config = config.replace(out=str(run))  # the folder was moved, or is named from elsewhere
     if isinstance(data, (str, Path)):
@@ -420,32 +542,22 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:
     """Load a run folder written by ``fit(..., out=...)``, ``FittedModel.save`` or ``nnfit train``.
 
-    A run trained with a custom module needs that module (freshly built) as ``model``.
+    Args:
+        path: the run folder.
+        model: a fresh instance of the custom module the run was trained with, if any.
+        device: where the loaded model predicts: ``cpu`` (the default), ``auto``, ``cuda``, ``cuda:N``
+            or ``mps``.
+
+    Returns:
+        A FittedModel whose predictions are bit-identical to those of the model that was saved, when
+        both run on the same device. A model trained on a GPU and loaded on the CPU agrees with it to
+        float rounding (the last digit or two): the two devices' kernels sum in different orders.
+        Pass ``device=str(fitted.device)`` for the very same numbers.
     """
-    state, meta = checkpoint.load_weights(path)
-    arch = meta["architecture"]
-    if arch.get("type") == "mlp":
-        module = rebuild(arch)
-    elif model is None:
-        raise NnfitError(f"{path} was trained with a custom module ({arch.get('class')}); "
-                         "pass a fresh instance: nnfit.load(path, model=YourModule(...))")
-    else:
-        module = model
-    dtype = getattr(torch, meta.get("dtype", "float32"))
-    module = module.to(dtype=dtype)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise NnfitError(f"the weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from None
-    named = dict(module.named_parameters())
-    for name in meta.get("frozen", []):  # the run's freeze state: inspect and further training see it
-        if name in named:
-            named[name].requires_grad_(False)
-    config = Config.from_dict(checkpoint.read_json(Path(path) / "config.json", "run config"))
+    run = runfolder.read_run(path)
+    module = runfolder.build_module(run.weights, run.meta, model, str(path))
     module = module.to(devices.parse_device(device))
-    summary_path = Path(path) / "summary.json"
-    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
-    fitted = FittedModel(module, Scaling.from_dict(meta["scaling"]), meta["input_names"], meta["target_names"],
-                         config, summary=summary)
+    fitted = FittedModel(module, Scaling.from_dict(run.meta["scaling"]), run.meta["input_names"],
+                         run.meta["target_names"], run.config, summary=run.summary)
     fitted.path = Path(path)
     return fitted

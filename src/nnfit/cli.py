@@ -22,6 +22,27 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other user mistake
         raise NnfitError(f"{message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # Python 3.11's argparse reads "--opt=--" as an empty list (and skips the option's type):
+        # the user gave the text "--", which each option then judges like any other value.
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if value == [] and not isinstance(action, argparse._AppendAction):
+                value = "--" if action.type is None else self._convert(action, "--")
+            elif isinstance(value, list):
+                value = ["--" if v == [] else v for v in value]
+            else:
+                continue
+            setattr(namespace, action.dest, value)
+        return namespace, extras
+
+    def _convert(self, action, text):
+        try:
+            return action.type(text)
+        except (TypeError, ValueError):
+            self.error(f"argument {'/'.join(action.option_strings)}: invalid {action.type.__name__} value: {text!r}")
+
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
@@ -124,8 +145,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in FIELDS:
         if hasattr(args, name):
             values[name] = parse_cli_value(name, getattr(args, name), problems)
-    if not values.get("out"):
-        values["out"] = _default_out()
+    defaulted = not values.get("out")
+    if defaulted:
+        values["out"] = "runs/<timestamp>"  # created below, once the settings are valid
     try:
         config = Config.from_dict(values)
     except NnfitError as exc:
@@ -133,16 +155,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config = None
     if problems:
         raise NnfitError("invalid settings: " + "; ".join(problems))
-    return config
+    return config.replace(out=_default_out()) if defaulted else config
 
 
 def _default_out() -> str:
+    """runs/<timestamp>, created here: two runs started in the same second get two folders (-2, -3, ...)."""
     base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return str(out)
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return str(out)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise NnfitError(f"could not create the run folder {out}: {exc.strerror or exc}; pass --out DIR") from None
+    raise NnfitError(f"{base}-2 ... {base}-999 all exist; pass --out DIR")
 
 
 def cmd_train(args) -> int:
@@ -156,11 +184,11 @@ def cmd_train(args) -> int:
 
 def cmd_resume(args) -> int:
     import nnfit
-    from nnfit.checkpoint import read_json
+    from nnfit.runfolder import STATE, read_json
 
     try:
-        workers = int(read_json(Path(args.run) / "config.json").get("devices", 1))
-    except (NnfitError, AttributeError, TypeError, ValueError):
+        workers = int(read_json(args.run, STATE)["config"]["devices"])
+    except (NnfitError, LookupError, TypeError, ValueError):
         workers = 1  # nnfit.resume reports what is wrong with the run folder
     with _stop_on_signals(workers):
         model = nnfit.resume(args.run, data=args.data, quiet=args.quiet, verbose=args.verbose)
@@ -181,6 +209,7 @@ def _stop_on_signals(workers: int):
 
 
 def _report(model, config, command: str) -> int:
+    from nnfit.devices import describe_peak
     from nnfit.report import metrics_table
 
     if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
@@ -205,8 +234,10 @@ def _report(model, config, command: str) -> int:
         print(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to its last "
               f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
     if "peak_memory" in s:
-        print(f"peak memory: {s['peak_memory']['human']} ({s['peak_memory']['measure']})")
-    written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
+        print(f"peak memory: {describe_peak(s['peak_memory'])}")
+    from nnfit.runfolder import is_run_file
+
+    written = sorted(p.name for p in Path(config.out).iterdir() if is_run_file(p.name) and not p.name.startswith("."))
     print(f"run folder: {config.out} ({', '.join(written)})")
     tutorial = config.formula == "x**2 + x" and config.domain == (("x", 0.0, 1.0),) and config.data is None
     if command in ("demo", "train") and tutorial and config.activation != "none" and not config.quiet \
@@ -237,7 +268,9 @@ def cmd_predict(args) -> int:
         out[f"{name}_pred"] = pred[:, i]
     if args.out:
         from nnfit.checkpoint import atomic_write_bytes
+        from nnfit.runfolder import check_output
 
+        check_output(args.out)
         if args.out.endswith((".parquet", ".pq")):
             atomic_write_bytes(args.out, out.to_parquet(index=False))
         else:
@@ -320,6 +353,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_showwarning = warnings.showwarning
 
 
+def _silence_closed_pipes() -> None:
+    """Point stdout and stderr at /dev/null, so that flushing them at exit cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # pytest's captured streams have no file descriptor
+            pass
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -331,7 +377,12 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return COMMANDS[args.command](args)
+        from nnfit import trainstate
+
+        # SIGINT and SIGTERM stop every command with one line and exit 130 or 143: at once, or when
+        # the phase in progress (training, saving a run) has done its work (trainstate.phase).
+        with trainstate.handling_signals():
+            return COMMANDS[args.command](args)
     except NnfitError as exc:
         if debug:
             raise
@@ -343,5 +394,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("nnfit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (nnfit inspect RUN | head -1): stop quietly, as Unix tools do
+        _silence_closed_pipes()
+        return 0
     finally:
         warnings.showwarning = previous

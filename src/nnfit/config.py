@@ -17,11 +17,16 @@ from nnfit.errors import NnfitError
 
 OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
 SCHEDULES = ("auto", "none", "cosine", "onecycle")
-ACTIVATIONS = ("relu", "tanh", "silu", "gelu", "sigmoid", "none")
+# The activations, named once: model.py builds the layers from this table (torch.nn class names).
+ACTIVATION_LAYERS = {"relu": "ReLU", "tanh": "Tanh", "silu": "SiLU", "gelu": "GELU", "sigmoid": "Sigmoid"}
+ACTIVATIONS = (*ACTIVATION_LAYERS, "none")
 DTYPES = ("float32", "float64")
 NONFINITE = ("drop", "error")
 DATA_ON = ("auto", "device", "cpu")
 PRECISIONS = ("32", "bf16", "16-mixed")
+CUDA_GRAPH = ("auto", "off")
+INT64_MAX = 2**63 - 1
+MAX_THREADS = 1024  # CPU threads or worker processes: more is a typo, not a machine
 
 
 def _opt(help: str, *, kind: str = "str", group: str = "training", choices=None, flag=None, cli=True):
@@ -56,6 +61,10 @@ class Config:
         "hidden layer widths, comma-separated", kind="ints", group="model"))
     activation: str = field(default="tanh", metadata=_opt(
         "activation between layers ('none' makes the network linear)", choices=ACTIVATIONS, group="model"))
+    ensemble: int = field(default=1, metadata=_opt(
+        "train K networks at once as one stacked computation, differing in initial weights and data order; "
+        "each keeps its own best epoch, and predictions are their mean with their standard deviation as the "
+        "uncertainty", kind="int", group="model"))
 
     # Freezing and fine-tuning.
     freeze: tuple = field(default=(), metadata=_opt(
@@ -112,6 +121,9 @@ class Config:
     precision: str = field(default="32", metadata=_opt(
         "32, or mixed precision with autocast: bf16, or 16-mixed (fp16 with a gradient scaler); "
         "parameters and the saved model stay fp32", choices=PRECISIONS, group="device"))
+    cuda_graph: str = field(default="auto", metadata=_opt(
+        "on CUDA, run each training step as one captured CUDA graph where it can be (auto), or eagerly (off)",
+        choices=CUDA_GRAPH, group="device"))
     min_batch_size: int = field(default=1, metadata=_opt(
         "after an out-of-memory error the batch is halved and retried, down to this size", kind="int",
         group="device"))
@@ -124,6 +136,10 @@ class Config:
     # Output.
     out: str | None = field(default=None, metadata=_opt(
         "run folder to write (default: runs/<timestamp>)", group="output"))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "replace the run already in --out (its files that this run does not write are removed; files that "
+        "are not nnfit's are kept); without it, a folder that holds files is refused", kind="bool",
+        group="output"))
     log_every: int | None = field(default=None, metadata=_opt(
         "also print the loss every N batches", kind="int", group="output"))
     resume: bool = field(default=False, metadata=_opt(
@@ -155,8 +171,15 @@ class Config:
                 p.append(f"--{name.replace('_', '-')} must be a positive {'integer' if integer else 'number'}, got {value}")
 
         for name in ("samples", "test_samples", "epochs", "batch_size", "patience", "log_every", "devices",
-                     "min_batch_size", "threads", "checkpoint_every"):
+                     "ensemble", "min_batch_size", "threads", "checkpoint_every"):
             positive(name, getattr(self, name))
+        for name, most in (*((n, INT64_MAX) for n in ("samples", "test_samples", "epochs", "batch_size", "patience",
+                                                       "log_every", "min_batch_size", "checkpoint_every", "seed",
+                                                       "ensemble")),
+                           ("threads", MAX_THREADS), ("devices", MAX_THREADS)):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > most:  # torch takes 64-bit integers; threads are OS threads
+                p.append(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
         for name in ("lr", "time_budget", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -204,7 +227,7 @@ class Config:
 
     def _device_problems(self) -> list[str]:
         p = []
-        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS)):
+        for name, allowed in (("data_on", DATA_ON), ("precision", PRECISIONS), ("cuda_graph", CUDA_GRAPH)):
             value = getattr(self, name)
             if value not in allowed:
                 p.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
@@ -314,6 +337,8 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
     flag = meta["flag"] or "--" + name.replace("_", "-")
     kind = meta["kind"]
     try:
+        if kind in ("int", "float", "ints", "strs") and not isinstance(text, str):
+            raise ValueError(text)  # never reached from the CLI, whose parser hands over strings
         if kind == "int":
             return int(text)
         if kind == "float":
@@ -326,7 +351,7 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
             return tuple(_parse_domain(item) for item in text)
         if kind in ("patterns", "unfreeze", "lr_for"):
             return _parse_items(name, flag, text, problems)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, OverflowError):
         example = {"int": "an integer", "float": "a number", "ints": "integers such as 100,100",
                    "domain": "NAME=LOW:HIGH such as x=0:1, with numbers or pi, -pi, 2pi, e as bounds"}.get(kind, "a value")
         problems.append(f"{flag} must be {example}, got {text!r}")
@@ -341,7 +366,7 @@ def _parse_items(name: str, flag: str, items, problems: list[str]) -> tuple:
     for item in items:
         try:
             out += normalize(name, [item])
-        except (ValueError, NnfitError):
+        except (ValueError, TypeError, OverflowError, NnfitError):
             problems.append(f"{flag} must be {example[FIELDS[name].metadata['kind']]}, got {item!r}")
     return tuple(out)
 

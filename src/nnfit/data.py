@@ -34,6 +34,16 @@ def formula_of(config) -> Formula:
 
 def sample_domain(domain, n: int, seed: int, device="cpu", dtype=torch.float64) -> torch.Tensor:
     """``n`` points drawn uniformly from the box ``domain`` with a seeded generator."""
+    from nnfit import devices
+
+    # The points, their values, the predictions and the errors, in float64: refused before allocating.
+    per_point = (len(domain) + 3) * 8 * 2
+    free = devices.free_host_memory()
+    if n * per_point > free:
+        raise NnfitError(f"{n:,} points of {len(domain)} input(s) need about {n * per_point / 1024**3:.1f} GB "
+                         f"of memory with their values and predictions, more than the {free / 1024**3:.1f} GB "
+                         f"free now; the most that fit is about {free // per_point:,}: ask for fewer "
+                         "(--samples, --test-samples)")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     low = torch.tensor([d[1] for d in domain], dtype=torch.float64)
     high = torch.tensor([d[2] for d in domain], dtype=torch.float64)
@@ -88,6 +98,38 @@ def build_problem(config, data=None) -> Problem:
     if len(targets) != 1:
         raise NnfitError(f"a formula has one target, but --target names {len(targets)}: {', '.join(targets)}")
     return Problem(X, Y, formula.variables, targets, f"formula {formula.text!r}", formula, tuple(domain))
+
+
+# Beyond this magnitude float32 (largest 3.4e38) cannot hold the scaling statistics and the predictions
+# with room to spare: such samples train in float64 by themselves, with a warning that says so.
+FLOAT32_LARGEST = 1e35
+# Beyond this, squared errors overflow even float64 (largest 1.8e308): such samples are refused.
+FLOAT64_LARGEST = 1e150
+
+
+def dtype_for_values(problem: Problem, dtype: str, precision: str, device) -> str:
+    """The dtype these samples can train in: ``dtype``, float64 for values beyond float32's range
+    (with a warning), or an error naming the largest magnitude found where neither can hold them."""
+    largest, where = 0.0, ""
+    for T, names in ((problem.X, problem.input_names), (problem.Y, problem.target_names)):
+        if T.numel():
+            column_max = T.abs().amax(dim=0)
+            j = int(column_max.argmax())
+            if float(column_max[j]) > largest:
+                largest, where = float(column_max[j]), names[j]
+    what = f"{problem.source} reaches {largest:.3g} in {where!r}"
+    if largest > FLOAT64_LARGEST:
+        raise NnfitError(f"{what}; values beyond {FLOAT64_LARGEST:.0e} cannot be fitted, as their squared errors "
+                         "overflow even float64; rescale them (e.g. fit the values divided by a power of ten)")
+    if largest <= FLOAT32_LARGEST or dtype == "float64":
+        return dtype
+    if precision != "32" or torch.device(device).type == "mps":
+        raise NnfitError(f"{what}, beyond float32's range (values up to {FLOAT32_LARGEST:.0e} are accepted), and "
+                         f"{'--precision ' + precision if precision != '32' else 'mps'} has no float64 to train in; "
+                         "rescale the values, or train in float64 on the CPU or CUDA")
+    warnings.warn(f"{what}, beyond float32's range (values up to {FLOAT32_LARGEST:.0e}): training in float64 "
+                  "(pass --dtype float64 to choose it yourself)", NnfitWarning, stacklevel=3)
+    return "float64"
 
 
 def _names_in(text: str) -> set[str]:

@@ -14,12 +14,18 @@ import resource
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
 
 from nnfit.errors import NnfitError
+
+# cuBLAS gives bit-for-bit the same results run after run only with a fixed workspace configuration
+# (NVIDIA's cuBLAS guide, "Results reproducibility"), and torch.use_deterministic_algorithms refuses
+# cuBLAS calls without one. It is read when CUDA first creates a cuBLAS handle, so it is set here, when
+# nnfit is imported; a value the user set is kept. 8 buffers of 4 MiB: what PyTorch documents.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 DATA_FRACTION = 0.5  # --data-on auto keeps the data on the GPU while it needs at most this share of free memory
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -72,6 +78,12 @@ def parse_device(spec: str) -> torch.device:
                      f"(devices here: {', '.join(available())})")
 
 
+def where_it_was(name: str) -> torch.device:
+    """The device named ``name`` (``str`` of a tensor's device) if it exists here, else the CPU: where a
+    model that is copied (pickled, cloned) is restored, so that the copy predicts as the original did."""
+    return torch.device(name) if name in available() else torch.device("cpu")
+
+
 def parse_devices(spec: str, n: int) -> list[torch.device]:
     """The devices of ``--devices N`` workers: N GPUs on CUDA, N processes on the CPU."""
     base = parse_device(spec)
@@ -103,6 +115,7 @@ class Context:
     world_size: int = 1
     backend: str | None = None  # set when this process joined a process group (it then trains with DDP)
     _owns_group: bool = field(default=False, repr=False)
+    _exact_before: tuple | None = field(default=None, repr=False)  # torch's settings before exact_kernels
 
     @property
     def is_main(self) -> bool:
@@ -118,6 +131,11 @@ def launched() -> int:
     if not all(name in os.environ for name in TORCHRUN_VARS):
         return 0
     return _env_int("WORLD_SIZE")
+
+
+def rank() -> int:
+    """This process's rank under torchrun or ``--devices N``; 0 for a single process."""
+    return _env_int("RANK") if launched() else 0
 
 
 FAULTS = ("kill-during-save", "kill-at-step")
@@ -159,7 +177,7 @@ def init_context(config) -> Context:
     join the process group, NCCL on CUDA and gloo on the CPU, with ``cuda:LOCAL_RANK`` per worker."""
     world = launched()
     if not world:
-        return Context(device=parse_device(config.device))
+        return exact_kernels(Context(device=parse_device(config.device)))
     import torch.distributed as dist
 
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
@@ -189,8 +207,35 @@ def init_context(config) -> Context:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    return Context(device=device, rank=rank, local_rank=local_rank, world_size=world, backend=backend,
-                   _owns_group=owns)
+    return exact_kernels(Context(device=device, rank=rank, local_rank=local_rank, world_size=world,
+                                 backend=backend, _owns_group=owns))
+
+
+def exact_kernels(ctx: Context) -> Context:
+    """On CUDA, deterministic kernels for the run (``cleanup_context`` puts the caller's settings back):
+    the same seed gives bit-identical weights, and a resumed run ends bit-identical to an uninterrupted
+    one, as on the CPU. An operation without a deterministic CUDA kernel (in a custom module) warns
+    instead of failing. Uninitialised memory is not filled: no kernel of nnfit reads it, and the fill
+    would add a launch to every allocation of a launch-bound step."""
+    if ctx.device.type != "cuda":
+        return ctx
+    import torch.utils.deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    if not before[0]:  # a caller that asked for strict determinism keeps it
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    return replace(ctx, _exact_before=before)
+
+
+def _restore_kernels(ctx: Context) -> None:
+    if ctx._exact_before is not None:
+        import torch.utils.deterministic
+
+        enabled, warn_only, fill = ctx._exact_before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def cleanup_context(ctx: Context, failed: bool = False) -> None:
@@ -199,6 +244,7 @@ def cleanup_context(ctx: Context, failed: bool = False) -> None:
     After a failure it does no collective: the other ranks may be gone, and this process must exit
     so that the launcher stops the rest.
     """
+    _restore_kernels(ctx)
     if ctx.distributed and ctx._owns_group:
         import torch.distributed as dist
 
@@ -360,18 +406,32 @@ def reset_peak_memory(ctx: Context) -> None:
         torch.cuda.reset_peak_memory_stats(ctx.device)
 
 
+RSS = "peak resident set of the process"
+CUDA_PEAK = "cuda max_memory_allocated"
+
+
 def peak_memory(ctx: Context) -> dict:
-    """Peak memory of this run: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's
-    peak resident set. Under DDP, the largest over the ranks (a collective: every rank calls it)."""
-    if ctx.device.type == "cuda":
-        value, kind = torch.cuda.max_memory_allocated(ctx.device), "cuda max_memory_allocated"
-    else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        value, kind = rss if sys.platform == "darwin" else rss * 1024, "peak resident set of the process"
+    """Peak memory of this run: ``bytes``, ``human`` and ``measure``, the device's figure: on CUDA
+    ``torch.cuda.max_memory_allocated``, elsewhere the process's peak resident set (CPU and MPS share
+    the host's memory). On CUDA ``host`` adds the process's peak resident set in the same form.
+    Under DDP each is the largest over the ranks (a collective: every rank calls it)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = rss if sys.platform == "darwin" else rss * 1024
+    values = [torch.cuda.max_memory_allocated(ctx.device), rss] if ctx.device.type == "cuda" else [rss]
+    suffix = ""
     if ctx.distributed:
-        t = torch.tensor([float(value)], device=ctx.device)
-        value, kind = int(all_reduce(t, ctx, "max").item()), kind + " (largest over the ranks)"
-    return {"bytes": int(value), "human": _format_bytes(value), "measure": kind}
+        t = torch.tensor([float(v) for v in values], device=ctx.device)
+        values, suffix = [int(v) for v in all_reduce(t, ctx, "max").tolist()], " (largest over the ranks)"
+    entries = [{"bytes": int(v), "human": _format_bytes(v), "measure": kind + suffix}
+               for v, kind in zip(values, [CUDA_PEAK, RSS] if len(values) == 2 else [RSS])]
+    return {**entries[0], "host": entries[1]} if len(entries) == 2 else entries[0]
+
+
+def describe_peak(peak: dict) -> str:
+    """``345.3 MB (peak resident set of the process)``, with the host's figure after the GPU's."""
+    text = f"{peak['human']} ({peak['measure']})"
+    host = peak.get("host")
+    return f"{text}; host: {host['human']} ({host['measure']})" if host else text
 
 
 def _format_bytes(n: float) -> str:
@@ -383,6 +443,30 @@ def _format_bytes(n: float) -> str:
 
 
 # Out of memory.
+
+def free_host_memory() -> int:
+    """Bytes of memory that this process could still allocate: MemAvailable on Linux, the free
+    physical pages elsewhere; a very large number where neither can be read."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_fits_in_memory(nbytes: int, what: str, remedy: str) -> None:
+    """Refuse, before allocating, what cannot fit in the free host memory."""
+    free = free_host_memory()
+    if nbytes > free:
+        raise NnfitError(f"{what} need about {_format_bytes(nbytes)} of memory, more than the "
+                         f"{_format_bytes(free)} free now; {remedy}")
+
 
 _OOM_MESSAGES = ("MPS backend out of memory", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
 

@@ -50,7 +50,11 @@ def export(fitted, format: str, out=None) -> Path:
     """
     if format not in FORMATS:
         raise NnfitError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if out is None:
+    if out is not None:
+        from nnfit.runfolder import EXPORT_FILES, check_output
+
+        check_output(out, allowed=EXPORT_FILES)
+    else:
         if fitted.path is None:
             raise NnfitError("this model has no run folder; give the file to write: out=... (CLI: --out FILE)")
         out = Path(fitted.path) / f"model{SUFFIXES[format]}"

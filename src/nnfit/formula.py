@@ -85,6 +85,10 @@ def parse_formula(text: str, variables: Sequence[str]) -> Formula:
     return Formula(text=source, variables=variables, _fn=fn)
 
 
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
+
+
 def _reject(text: str, piece: str, variables: set[str]) -> NnfitError:
     allowed = _ALLOWED.format(vars=", ".join(sorted(variables)) or "none")
     return NnfitError(f"formula {text!r}: {piece} is not allowed; a formula may use {allowed}")
@@ -120,7 +124,13 @@ def _compile(node: ast.AST, variables: set[str], text: str) -> Callable:
     if isinstance(node, ast.Constant):
         if type(node.value) not in (int, float):
             raise _reject(text, f"the {type(node.value).__name__} constant {node.value!r}", variables)
-        value = float(node.value)
+        try:
+            value = float(node.value)
+        except OverflowError:  # an integer of more than 308 digits
+            digits = str(node.value) if len(str(node.value)) <= 20 else f"{str(node.value)[:12]}... " \
+                f"({len(str(node.value))} digits)"
+            raise NnfitError(f"formula {_short(text)}: the number {digits} is too large for a floating-point "
+                             "number (the largest is about 1.8e308); write it smaller, e.g. as 1e300") from None
         return lambda cols, torch: value
     if isinstance(node, ast.Name):
         name = node.id

@@ -110,7 +110,7 @@ def param_groups(named_params, lr_for, default_lr: float) -> list[dict]:
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every parameter: the starting values that movement is measured from."""
+    """A copy of every parameter, on the parameter's device: the starting values that movement is measured from."""
     return {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
 
 
@@ -131,10 +131,15 @@ def verify_unchanged(tensors: dict[str, torch.Tensor], start: dict[str, torch.Te
 
 
 def movement(model: nn.Module, start: dict[str, torch.Tensor]) -> dict[str, float]:
-    """L2 norm of (current - start) per parameter (one host sync for all of them)."""
+    """L2 norm of (current - start) per parameter (one host sync for all of them).
+
+    ``start`` may sit elsewhere (a state read from disk is on the CPU): each value is brought to its
+    parameter's device and dtype, never the parameter to the start's.
+    """
     named = dict(unwrap(model).named_parameters())
     with torch.no_grad():
-        norms = torch.stack([(named[n].detach() - start[n]).double().norm() for n in named])
+        norms = torch.stack([(p.detach() - start[n].to(device=p.device, dtype=p.dtype)).double().norm()
+                             for n, p in named.items()])
     return dict(zip(named, norms.tolist()))
 
 
@@ -257,11 +262,10 @@ def inspect(model_or_run) -> Inspection:
 
 
 def _inspect_run(folder: Path) -> Inspection:
-    from nnfit import checkpoint
+    from nnfit import runfolder
 
-    state, meta = checkpoint.load_weights(folder)  # checks the folder and the weights' checksum
-    summary_path = folder / "summary.json"
-    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
+    run = runfolder.read_run(folder)  # every file and field checked, parameter_table names included
+    state, meta, summary = run.weights, run.meta, run.summary
     recorded = {r["name"]: r for r in summary.get("parameter_table", [])}
     frozen = set(meta.get("frozen", []))
     names = list(recorded) or list(state)

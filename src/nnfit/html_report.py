@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from nnfit.checkpoint import atomic_write_bytes
+from nnfit.devices import describe_peak
 from nnfit.metrics import KEYS
 from nnfit.report import LABELS, _figure_bytes, _points, readable_ticks
 
@@ -81,7 +82,7 @@ def _e(value) -> str:
 
 def _lead(fitted, out: Path) -> str:
     inputs, targets = ", ".join(fitted.input_names), ", ".join(fitted.target_names)
-    return (f"run folder {out} · inputs {inputs} → targets {targets} · "
+    return (f"run folder {fitted.path or out} · inputs {inputs} → targets {targets} · "
             f"written {datetime.now().strftime('%Y-%m-%d %H:%M')} by nnfit {fitted.summary.get('nnfit_version', '')}")
 
 
@@ -219,7 +220,7 @@ def _timing(s: dict) -> str:
             add("examples per second", f"{rows_seen / seconds:,.0f} (training rows × epochs ÷ training time)")
     add("total time", s.get("total_seconds") is not None and f"{s['total_seconds']:.3f} s (data, training, evaluation)")
     memory = s.get("peak_memory") or {}
-    add("peak memory", memory and f"{memory.get('human')} ({memory.get('measure')})")
+    add("peak memory", memory and describe_peak(memory))
     add("device", s.get("device"))
     if s.get("world_size", 1) > 1:
         add("workers", s["world_size"])

@@ -141,9 +141,9 @@ def fit_in_workers(config, frame, model):
 
 
 def _fit_worker(rank: int, config, frame, model) -> None:
-    from nnfit.api import fit
+    from nnfit.api import _fit_here
 
-    fit(config=config, data=frame, model=model)
+    _fit_here(config, frame, model, None)  # the launcher holds the run folder's claim
 
 
 def _read_history(path: Path) -> list[dict]:

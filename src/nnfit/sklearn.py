@@ -190,6 +190,7 @@ def _pack(fitted) -> dict:
         "weights": save({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}),
         "architecture": architecture(module),
         "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(module.parameters()).device),
         "trainable": [name for name, p in module.named_parameters() if p.requires_grad],
         "scaling": fitted.scaling.to_dict(),
         "input_names": list(fitted.input_names),
@@ -202,20 +203,22 @@ def _pack(fitted) -> dict:
 
 
 def _unpack(packed: dict):
-    """Rebuild a FittedModel from ``_pack``'s output, on the CPU."""
-    import torch
-    from safetensors.torch import load
-
+    """Rebuild a FittedModel from ``_pack``'s output, through the run-folder reader's checks, on the device
+    it was on if that exists here (so a copy predicts exactly as the original), else on the CPU."""
+    from nnfit import devices, runfolder
     from nnfit.api import FittedModel
-    from nnfit.config import Config
     from nnfit.data import Scaling
-    from nnfit.model import rebuild
 
-    module = rebuild(packed["architecture"]).to(getattr(torch, packed["dtype"]))
-    module.load_state_dict(load(packed["weights"]))
-    trainable = set(packed["trainable"])
+    where = "the pickled Regressor"
+    if not isinstance(packed, dict) or not isinstance(packed.get("weights"), bytes):
+        raise NnfitError(f"{where} holds no nnfit model; pickle a fitted nnfit.Regressor")
+    run = runfolder.read_packed(packed, where)
+    module = runfolder.build_module(run.weights, run.meta, where=where)
+    module = module.to(devices.where_it_was(packed.get("device", "cpu")))
+    trainable = set(packed.get("trainable", []))
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)
-    return FittedModel(module, Scaling.from_dict(packed["scaling"]), packed["input_names"],
-                       packed["target_names"], Config.from_dict(packed["config"]), packed["history"],
-                       packed["summary"])
+    history = runfolder.checked(runfolder.items(runfolder.mapping(runfolder.anything)), packed.get("history", []),
+                                f"{where} field history")
+    return FittedModel(module, Scaling.from_dict(run.meta["scaling"]), run.meta["input_names"],
+                       run.meta["target_names"], run.config, history, run.summary)

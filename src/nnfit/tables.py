@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import difflib
+import math
 import os
+import zipfile
+from collections import Counter
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +20,12 @@ import pyarrow.parquet as pq
 from nnfit.errors import NnfitError, NnfitWarning
 
 MAX_BYTES = 4 * 1024**3
+# More columns than this is no function to fit by a fully connected network: refuse before parsing them all.
+MAX_COLUMNS = 10_000
+# A compressed .npz member that expands more than this past the floor is a decompression bomb, not data:
+# real float tables compress 1-10x; 1.5 MB growing to 1.86 GB (1240x) is refused before decompressing.
+MAX_EXPANSION = 100
+BOMB_FLOOR = 64 * 1024**2
 
 _FORMATS = {
     ".csv": "csv",
@@ -85,6 +95,7 @@ def load_table(source, target=None, inputs=None, *, min_rows: int = 2) -> Table:
         raise NnfitError(
             f"source must be a file path or a pandas DataFrame, not {type(source).__name__}"
         )
+    _check_width(frame.shape[1], name)
     if frame.shape[1] == 0:
         raise NnfitError(f"{name} is empty: it has no columns; give data with at least one column")
     if len(frame) < min_rows:
@@ -162,6 +173,7 @@ def _read_text(path: str, head: bytes, sep: str) -> pd.DataFrame:
             f"could not read {path} as {label}: it looks like a binary file (it contains NUL "
             "bytes), not text; give a UTF-8 text table (save UTF-16 text as UTF-8)"
         )
+    _check_width(_header_width(path, sep), path)
     # Read the header on its own, as pandas renames repeated names to "a.1".
     header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False)
     _check_duplicates([str(c).strip() for c in header.iloc[0] if str(c).strip()], path)
@@ -178,8 +190,24 @@ def _read_text(path: str, head: bytes, sep: str) -> pd.DataFrame:
     return frame.set_axis([str(c).strip() for c in frame.columns], axis=1)
 
 
+def _header_width(path: str, sep: str) -> int:
+    """The number of fields in the first line, counted by the csv module (linear, and fast in C)."""
+    csv.field_size_limit(MAX_BYTES)
+    with open(path, newline="", encoding="utf-8") as file:
+        return len(next(csv.reader(file, delimiter=sep), []))
+
+
+def _check_width(columns: int, name: str) -> None:
+    if columns > MAX_COLUMNS:
+        raise NnfitError(
+            f"{name} has {columns:,} columns; nnfit fits tables of up to {MAX_COLUMNS:,} columns "
+            "(inputs and targets); select the columns you need before fitting"
+        )
+
+
 def _read_parquet(path: str) -> pd.DataFrame:
     schema = pq.read_schema(path)
+    _check_width(len(schema.names), path)
     _check_duplicates(schema.names, path)
     for field in schema:
         if pa.types.is_nested(field.type):
@@ -204,6 +232,7 @@ def _read_npy(path: str, head: bytes) -> tuple[pd.DataFrame, list[str]]:
             "with one row per sample, the inputs in the first columns and the target in the last"
         )
     _check_dtype(array, path)
+    _check_width(array.shape[1], path)
     width = array.shape[1]
     names = [f"x{i}" for i in range(1, width)] + ["y"] if width else []
     return pd.DataFrame(array, columns=names), ["y"]
@@ -215,16 +244,17 @@ def _read_npz(path: str, head: bytes) -> tuple[pd.DataFrame, list[str]]:
             f"could not read {path} as {_LABELS['npz']}: it is not a zip archive; "
             "save it with numpy.savez(path, X=inputs, y=targets)"
         )
-    # np.load leaks its own file handle when the zip is damaged, so pass it an open file.
-    with open(path, "rb") as file, np.load(file, allow_pickle=False) as archive:
+    with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
         for key in ("X", "y"):
-            if key not in archive.files:
-                held = ", ".join(archive.files) or "no arrays"
+            if key not in members:
+                held = ", ".join(members) or "no arrays"
                 raise NnfitError(
                     f"{path} has no array {key!r}; it holds: {held}; "
                     "save it with numpy.savez(path, X=inputs, y=targets)"
                 )
-        X, y = archive["X"], archive["y"]
+        _check_expansion([members["X"], members["y"]], path)
+        X, y = (_read_member(archive, members[key], f"array {key!r} in {path}") for key in ("X", "y"))
     for key, array in (("X", X), ("y", y)):
         if not isinstance(array, np.ndarray):
             raise NnfitError(
@@ -242,10 +272,52 @@ def _read_npz(path: str, head: bytes) -> tuple[pd.DataFrame, list[str]]:
             f"(shapes {X.shape} and {y.shape}); they need one row per sample each"
         )
     X, y = X.reshape(len(X), -1), y.reshape(len(y), -1)
+    _check_width(X.shape[1] + y.shape[1], path)
     x_names = [f"x{i}" for i in range(1, X.shape[1] + 1)]
     y_names = ["y"] if y.shape[1] == 1 else [f"y{i}" for i in range(1, y.shape[1] + 1)]
     frame = pd.DataFrame(np.concatenate([X, y], axis=1), columns=x_names + y_names)
     return frame, y_names
+
+
+def _check_expansion(members: list, path: str) -> None:
+    """Bound decompression by the bytes it would produce, declared in the zip directory, before any is
+    produced (``zipfile`` never returns more than a member declares)."""
+    produced = sum(info.file_size for info in members)
+    packed = max(1, sum(info.compress_size for info in members))
+    if produced > MAX_BYTES or (produced > BOMB_FLOOR and produced > MAX_EXPANSION * packed):
+        limit = _size(MAX_BYTES) if produced > MAX_BYTES else f"{MAX_EXPANSION}x past {_size(BOMB_FLOOR)}"
+        raise NnfitError(
+            f"{path} expands from {_size(packed)} to {_size(produced)} of arrays ({produced / packed:,.0f}x); "
+            f"nnfit decompresses at most {limit}, as more is a sign of a decompression bomb; "
+            "save real data with numpy.savez (uncompressed) or use a smaller sample"
+        )
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> np.ndarray:
+    """One .npy member: its header checked (a numeric dtype, a size within what the member declares)
+    before the data, which is read in exactly that many bytes."""
+    with archive.open(info) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise NnfitError(f"{what} is not a plain .npy array (format {version}); save it with numpy.savez")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+            else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fp)
+        if dtype.hasobject:
+            raise NnfitError(f"{what} holds Python objects (dtype object), which would need pickle to load; "
+                             "nnfit never loads pickles; save an array of numbers instead")
+        if dtype.kind not in "biuf":
+            raise NnfitError(f"{what} holds values of type {dtype}; nnfit needs an array of real numbers")
+        if len(shape) not in (1, 2):
+            raise NnfitError(f"{what} has shape {shape}; it must be 1-D or 2-D with one row per sample")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.file_size:
+            raise NnfitError(f"{what} claims shape {shape} ({_size(nbytes)}), more than the "
+                             f"{_size(info.file_size)} the archive holds for it; the file is damaged")
+        data = fp.read(nbytes)
+    if len(data) != nbytes:
+        raise NnfitError(f"{what} is truncated: {_size(len(data))} of {_size(nbytes)}; the file is damaged")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _check_dtype(array: np.ndarray, what: str) -> None:
@@ -256,7 +328,8 @@ def _check_dtype(array: np.ndarray, what: str) -> None:
 
 
 def _check_duplicates(names: list[str], name: str) -> None:
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    _check_width(len(names), name)
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:
         raise NnfitError(
             f"{name} has repeated column names: {', '.join(repeated)}; "
@@ -279,16 +352,17 @@ def _select_columns(frame, name, target, inputs, default_target):
     numbers = {}
     if inputs is not None:
         input_names = _parse_names(inputs, "input", "--inputs", columns, name)
-        both = [n for n in input_names if n in target_names]
+        targets = set(target_names)
+        both = [n for n in input_names if n in targets]
         if both:
             raise NnfitError(
                 f"column {both[0]!r} is both a target and an input; "
                 "a column can only be one of them"
             )
     else:
-        input_names, skipped = [], []
+        input_names, skipped, targets = [], [], set(target_names)
         for column in columns:
-            if column in target_names:
+            if column in targets:
                 continue
             values, bad = _as_numbers(frame[column])
             # A column without a single number (text, all empty) is not data to fit.
@@ -332,10 +406,11 @@ def _parse_names(spec, what: str, flag: str, columns: list[str], name: str) -> l
         raise NnfitError(
             f"no {what} column named; pass {flag} with names from: {_listing(columns)}"
         )
+    counts, present = Counter(names), set(columns)
     for n in names:
-        if names.count(n) > 1:
+        if counts[n] > 1:
             raise NnfitError(f"{flag} names column {n!r} more than once; name each column once")
-        if n not in columns:
+        if n not in present:
             message = f"{what} column {n!r} not found in {name}; columns are: {_listing(columns)}."
             lowered = {c.lower(): c for c in columns}
             match = difflib.get_close_matches(n.lower(), list(lowered), n=1)
@@ -416,7 +491,7 @@ def _short(value) -> str:
 def _size(n: int) -> str:
     for unit in ("bytes", "KB", "MB"):
         if n < 1024:
-            return f"{n:g} {unit}"
+            return f"{round(n, 1):g} {unit}"
         n /= 1024
     return f"{n:.1f} GB".replace(".0 GB", " GB")
 
@@ -437,8 +512,9 @@ def read_inputs(source, input_names, allowed_extra=()) -> pd.DataFrame:
             if len(frame.columns) == len(input_names):
                 frame = frame.set_axis(list(input_names), axis=1)
     _check_duplicates(list(frame.columns), name)
-    missing = [c for c in input_names if c not in frame.columns]
-    extra = [c for c in frame.columns if c not in input_names and c not in allowed_extra]
+    have, known = set(frame.columns), {*input_names, *allowed_extra}
+    missing = [c for c in input_names if c not in have]
+    extra = [c for c in frame.columns if c not in known]
     if missing or extra:
         parts = ([f"missing input column(s) {_listing(missing)}"] if missing else []) + (
             [f"unexpected column(s) {_listing(extra)}"] if extra else [])

@@ -1,7 +1,7 @@
 """The training state: what exact resume and the rollback after a divergence restore.
 
 A ``State`` holds tensors (model, optimizer state, best weights, RNG states, the epoch's
-permutation, the running loss) and JSON-able data (position, schedule, history, early stopping,
+permutation, the running loss) and JSON-able data (position, learning-rate factor, history, early stopping,
 freeze state). ``Saver`` decides when to write it and turns SIGINT/SIGTERM into a saved stop.
 Nothing is pickled: tensors go to safetensors and the rest to JSON (``checkpoint.write_state``).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnfit import checkpoint, devices
+from nnfit import checkpoint, devices, runfolder
 from nnfit.errors import NnfitError, TrainingInterrupted
 
 DEFAULT_MIN_SECONDS = 1.0  # without --checkpoint-every: at most one epoch-end save per second
@@ -44,14 +44,15 @@ class State:
         return f"the end of epoch {p['epoch']}" if p["finished"] else f"epoch {p['epoch']} step {p['step']}"
 
 
-def capture(model, optimizer, scheduler, plan, generator, result, best_state, start_values, position: dict,
+def capture(model, optimizer, lr_factor: float, plan, generator, result, best_state, start_values, position: dict,
             perm=None, total=None) -> State:
-    """A copy of everything the loop needs to continue exactly from ``position``."""
+    """A copy of everything the loop needs to continue exactly from ``position``. The learning rate is a
+    function of ``position["steps"]`` and ``lr_factor`` (halved by each rollback): no scheduler state."""
     tensors: dict = {}
     info = {
         "position": dict(position),
         "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": checkpoint.pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+        "lr_factor": lr_factor,
         "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", tensors) if plan.scaler is not None else None,
         "micro": plan.micro,
         "eval_chunk": plan.eval_chunk,
@@ -59,6 +60,7 @@ def capture(model, optimizer, scheduler, plan, generator, result, best_state, st
         "history": [dict(row) for row in result.history],
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
+        "member_best": [list(result.member_best_epochs), list(result.member_best_val_losses)],  # an ensemble's
         "unfrozen_at": dict(result.unfrozen_at),
         "rollbacks": [dict(r) for r in result.rollbacks],
         "rng": _rng_info(tensors),
@@ -85,14 +87,25 @@ def _rng_info(tensors: dict) -> dict:
     return {"numpy": [name, pos, has_gauss, cached], "python": [version, gauss_next]}
 
 
-def part(state: State, prefix: str) -> dict:
-    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place)."""
+def part(state: State, prefix: str, like: dict | None = None) -> dict:
+    """The tensors saved under ``prefix/``: a state_dict, copied (the optimizer updates its state in place).
+
+    A state read from disk holds CPU tensors. With ``like`` (the live model's ``state_dict()``) each
+    tensor is copied to the device of the live tensor of the same name, so that a restore keeps every
+    tensor where the model is (a resumed GPU run compares its frozen weights on the GPU).
+    """
     start = prefix + "/"
-    return {k[len(start):]: v.clone() for k, v in state.tensors.items() if k.startswith(start)}
+    like = like or {}
+    out = {}
+    for key, value in state.tensors.items():
+        if key.startswith(start):
+            name = key[len(start):]
+            out[name] = value.to(like[name].device, copy=True) if name in like else value.clone()
+    return out
 
 
 def unpacked(state: State, key: str):
-    """The optimizer's, schedule's or scaler's state_dict, with copies of its tensors."""
+    """The optimizer's or scaler's state_dict, with copies of its tensors."""
     value = state.info.get(key)
     return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
 
@@ -110,20 +123,23 @@ def restore_rng(state: State, generator: torch.Generator) -> None:
 
 
 def load(folder) -> State:
-    """The saved training state of a run folder, verified (see ``checkpoint.read_state``)."""
-    tensors, info = checkpoint.read_state(folder)
-    if "position" not in info or not any(k.startswith("model/") for k in tensors):
-        raise NnfitError(f"{Path(folder) / checkpoint.STATE} is not a complete training state; start the run again")
-    return State(tensors, info)
+    """The saved training state of a run folder, every field verified (``runfolder.read_state``)."""
+    return State(*runfolder.read_state(folder))
 
 
 # Stopping on SIGINT and SIGTERM.
 
 class StopRequest:
-    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync)."""
+    """Set by the signal handlers; the loop reads ``signal`` once per step (a Python attribute: no host sync).
+
+    ``phase`` names what the process is doing (``phase()``); in a ``deferred`` phase a signal is recorded
+    and acted on when the work in progress is complete, in any other it stops the process at once."""
 
     signal: int | None = None
     since: float = 0.0  # when it came (time.monotonic())
+    phase: str = ""
+    deferred: bool = False
+    kept: object = ""  # what a stop in this phase leaves behind, for the message (see ``phase``)
 
 
 STOP = StopRequest()  # process-wide, as signal handlers are
@@ -131,9 +147,10 @@ STOP = StopRequest()  # process-wide, as signal handlers are
 
 @contextlib.contextmanager
 def handling_signals(echo_seconds: float = 0.0):
-    """While active, SIGINT and SIGTERM make training save its state at the next step and raise
-    TrainingInterrupted; a second signal stops at once. Only in the main thread (as Python requires);
-    the CLI uses it, a library caller may.
+    """While active, SIGINT and SIGTERM stop the process with ``TrainingInterrupted`` (exit 130 or 143):
+    at once outside deferred phases, else when the phase's work is done (training saves its state at the
+    next step); a second signal stops at once. Only in the main thread (as Python requires); the CLI
+    uses it, a library caller may.
 
     In a worker, a repeat of the same signal within ``echo_seconds`` (``ECHO_SECONDS``) is not a second
     one: a launcher (``--devices N``, torchrun) forwards the Ctrl-C that the terminal also sent to it."""
@@ -143,12 +160,39 @@ def handling_signals(echo_seconds: float = 0.0):
         if STOP.signal is not None:  # the second one: no more waiting for the step to end
             raise stopped_at_once(signum)
         STOP.signal, STOP.since = signum, time.monotonic()
+        if not STOP.deferred:
+            raise _stopped(signum, STOP.phase, STOP.kept)
 
     try:
         with on_stop_signals(handler):
             yield
     finally:
         STOP.signal = None
+
+
+@contextlib.contextmanager
+def phase(name: str, deferred: bool = False, kept=""):
+    """Name what the process is doing, for the line a stop signal prints; ``kept`` (a text, or a function
+    that returns one when the signal comes) says what a stop leaves behind. In a ``deferred`` phase
+    (training, which polls ``STOP`` and saves its state; saving a run, whose files must be complete) a
+    signal waits for the phase to end; in any other phase it stops the process at once, and an atomic
+    write in progress removes its temporary file."""
+    outer = STOP.phase, STOP.deferred, STOP.kept
+    if STOP.signal is not None and not deferred:  # a signal deferred by an enclosing phase: stop now
+        raise _stopped(STOP.signal, STOP.phase, STOP.kept)
+    STOP.phase, STOP.deferred, STOP.kept = name, deferred, kept
+    try:
+        yield
+    finally:
+        STOP.phase, STOP.deferred, STOP.kept = outer
+    if STOP.signal is not None and deferred:  # it came during the phase, which has now done its work
+        raise _stopped(STOP.signal, f"{name} (finished first)", kept)
+
+
+def _stopped(signum: int, doing: str, kept) -> TrainingInterrupted:
+    kept = kept() if callable(kept) else kept
+    return TrainingInterrupted(f"{signal.Signals(signum).name}{' while ' + doing if doing else ''}: stopped"
+                               f"{'; ' + kept if kept else ''}", 128 + signum)
 
 
 def stopped_at_once(signum: int) -> TrainingInterrupted:
@@ -214,7 +258,7 @@ class Saver:
         if self._requested() is not None:
             self._stop(self.capture(position, self.perm, total))
         # A running loss that is already NaN must not overwrite the last good state: the epoch's end rolls back.
-        if self.write_here and bool(torch.isfinite(total)):  # the checkpoint's one host sync
+        if self.write_here and bool(torch.isfinite(total).all()):  # the checkpoint's one host sync
             self.write(self.capture(position, self.perm, total))
 
     def epoch_end(self, state: State) -> None:
@@ -228,9 +272,7 @@ class Saver:
         return {"epoch": epoch, "finished": True, "step": 0, "rows": 0, "steps": self.steps}
 
     def write(self, state: State) -> None:
-        try:
-            if self.saves == 0:
-                checkpoint.write_json(self.folder / "config.json", self.info["config"])
+        try:  # state.json holds the config: config.json is written with the finished run (runfolder.commit)
             checkpoint.write_state(self.folder, state.tensors, {**self.info, **state.info, "saves": self.saves + 1},
                                    self.saves + 1)
         except NnfitError as exc:
