@@ -20,7 +20,7 @@ from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_va
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
 from nnfit.errors import setting as S
 from nnfit.formula import parse_formula
-from nnfit.metrics import regression_metrics
+from nnfit.metrics import per_target_metrics, regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
@@ -387,8 +387,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
     with trainstate.phase("the final evaluation", kept=kept):
-        validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
-            if len(val_idx) else None
+        val_pred = fitted.predict_tensor(problem.X[val_idx]) if len(val_idx) else None
+        validation = regression_metrics(val_pred, problem.Y[val_idx]) if len(val_idx) else None
         X_test = Y_test = test = None
         if problem.formula is not None:
             X_test, Y_test = test_points(config, problem.formula)
@@ -408,6 +408,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "device": str(ctx.device),
         "validation": validation,
     }
+    if len(problem.target_names) > 1 and len(val_idx):
+        summary["per_target"] = {"validation": per_target_metrics(val_pred, problem.Y[val_idx], problem.target_names)}
     if problem.formula is not None:
         summary["test"] = test
         summary["test_samples"] = config.test_samples

@@ -144,7 +144,8 @@ class Config:
         group="device", level="advanced"))
     threads: int | None = field(default=None, metadata=_opt(
         "CPU threads for torch's math during training (default: 1 for a small network on the CPU, where "
-        "more threads only add synchronization, see docs/benchmarks.md; torch's default otherwise)",
+        "more threads only add synchronization; otherwise one per core that is free when training starts, "
+        "since a thread waiting for a busy core slows every step; the run prints its choice)",
         kind="int", group="device", level="advanced"))
 
     # Output.

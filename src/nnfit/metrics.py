@@ -19,3 +19,8 @@ def regression_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, floa
     per_target_r2 = torch.where(var > 0, per_target_r2, torch.zeros_like(per_target_r2))
     values = torch.stack([mse, mse.sqrt(), err.abs().mean(), per_target_r2.mean(), err.abs().max()])
     return dict(zip(KEYS, values.tolist()))
+
+
+def per_target_metrics(pred: torch.Tensor, true: torch.Tensor, names) -> dict[str, dict[str, float]]:
+    """``regression_metrics`` of each target column on its own, keyed by target name."""
+    return {name: regression_metrics(pred[:, j:j + 1], true[:, j:j + 1]) for j, name in enumerate(names)}

@@ -3,8 +3,27 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+
+ETA_AFTER = 3.0  # seconds: a fit expected to take longer than this shows how long it has left
+
+
+def eta_text(elapsed: float, done: int, total: int) -> str:
+    """'about 0:12 left (at most)' from the epochs so far; '' for a fit too short to need one.
+
+    At most: early stopping or a time budget can end the fit sooner, never later.
+    """
+    if done <= 0 or done >= total:
+        return ""
+    left = elapsed / done * (total - done)
+    if elapsed + left < ETA_AFTER:
+        return ""
+    minutes, seconds = divmod(math.ceil(left), 60)
+    hours, minutes = divmod(minutes, 60)
+    clock = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+    return f"eta {clock} at most"
 
 
 class Reporter:
@@ -23,6 +42,9 @@ class Reporter:
         self._last_tick = 0.0
         self._epochs = 0
         self._steps = 1
+        self._started = 0.0
+        self._epochs_seen = 0
+        self._eta = ""
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -36,6 +58,7 @@ class Reporter:
 
     def start(self, recipe, n_train: int, n_val: int) -> None:
         self._epochs = recipe.epochs
+        self._started, self._epochs_seen, self._eta = time.perf_counter(), 0, ""
         self._steps = 1 if recipe.optimizer == "lbfgs" else -(-n_train // recipe.batch_size)
         self.log(f"training on {n_train} samples, validating on {n_val}: {recipe.describe()}")
         if self.live:
@@ -44,9 +67,10 @@ class Reporter:
 
             self._bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[eta]}"),
                                  console=Console(file=self.stream), transient=True)
             self._bar.start()
-            self._task = self._bar.add_task("", total=self._steps, epoch=1, loss="-")
+            self._task = self._bar.add_task("", total=self._steps, epoch=1, loss="-", eta="")
 
     def tick(self, step: int, running_total, seen: int) -> None:
         """Called every step; redraws the bar (one host sync) at most ten times a second."""
@@ -62,8 +86,13 @@ class Reporter:
             self._print(f"epoch {epoch} batch {step}: loss {float(loss.detach()):.4e}")
 
     def epoch(self, row: dict, improved: bool) -> None:
+        # The ETA comes from wall time at epoch ends only: no host sync beyond the epoch's own.
+        self._epochs_seen += 1
+        self._eta = eta_text(time.perf_counter() - self._started, self._epochs_seen,
+                             self._epochs_seen + self._epochs - row["epoch"])
         if self._bar is not None:
-            self._bar.reset(self._task, total=self._steps, epoch=min(row["epoch"] + 1, self._epochs), loss="-")
+            self._bar.reset(self._task, total=self._steps, epoch=min(row["epoch"] + 1, self._epochs), loss="-",
+                            eta=self._eta)
         if self.quiet:
             return
         now = time.perf_counter()
@@ -87,11 +116,12 @@ class Reporter:
                   flush=True)
 
 
-def metrics_table(columns: dict) -> str:
-    """A plain-text table: one row per metric, one column per evaluated set."""
+def metrics_table(columns: dict, per_target: dict | None = None) -> str:
+    """A plain-text table: one row per metric, one column per evaluated set (and one table per target
+    after it, with ``per_target``)."""
     from nnfit.report import metrics_table
 
-    return metrics_table(columns)
+    return metrics_table(columns, per_target)
 
 
 def result_text(fitted, hint: bool = True) -> str:
@@ -104,7 +134,7 @@ def result_text(fitted, hint: bool = True) -> str:
     lines = [f"\n{s['source']}: {epochs} in {s['train_seconds']:.2f} s; stopped: {s['stopped']}"]
     before = s.get("init_from", {})
     lines.append(metrics_table({"validation": s.get("validation"), "test before": before.get("test_before"),
-                                "test": s.get("test")}))
+                                "test": s.get("test")}, s.get("per_target")))
     if "test" in s:
         lines.append(f"test: {s['test_samples']} fresh points from the domain, compared with the true formula")
     if before:

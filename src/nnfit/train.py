@@ -236,11 +236,12 @@ def _restoring_threads(fn):
     return wrapper
 
 
-def _use_threads(config, recipe: Recipe, n_params: int, device: torch.device) -> None:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif device.type == "cpu" and recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK:
-        torch.set_num_threads(1)
+def _use_threads(config, recipe: Recipe, n_params: int, ctx, reporter) -> None:
+    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK, ctx)
+    if threads:
+        torch.set_num_threads(threads)
+    if line:
+        reporter.log(line)
 
 
 @_restoring_threads
@@ -258,7 +259,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     saver = saver or trainstate.Saver(None, None, together=ctx.distributed)
     n_train = len(data.X_train)
     unfreeze = freeze.unfreeze_schedule(model, config.unfreeze_at)
-    recipe = _recipe_for(model, config, n_train, unfreeze, ctx)
+    recipe = _recipe_for(model, config, n_train, unfreeze, ctx, reporter)
     lbfgs = recipe.optimizer == "lbfgs"
     rank_batch = _rank_batch(recipe, ctx, reporter)
     steps_per_epoch = 1 if lbfgs else math.ceil((n_train - n_train % ctx.world_size) / (rank_batch * ctx.world_size))
@@ -328,13 +329,13 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     return result
 
 
-def _recipe_for(model, config, n_train: int, unfreeze, ctx) -> Recipe:
+def _recipe_for(model, config, n_train: int, unfreeze, ctx, reporter) -> Recipe:
     """The recipe for this model and data, after checking --lr-for against it; sets the CPU threads."""
     named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
     freeze.check_lr_for(model, config.lr_for, {n for n, _ in named} | {n for ns in unfreeze.values() for n in ns})
     n_params = sum(p.numel() for _, p in named)
     recipe = choose_recipe(config, n_train, n_params)
-    _use_threads(config, recipe, n_params, ctx.device)
+    _use_threads(config, recipe, n_params, ctx, reporter)
     if config.lr_for and recipe.optimizer == "lbfgs":
         raise NnfitError(f"{S('lr_for')} gives parameters their own learning rate, but {S('optimizer', 'auto')} chose full-batch "
                          "L-BFGS for this small problem, and L-BFGS takes all parameters in one group; "
