@@ -208,8 +208,10 @@ def test_module_that_never_called_super_init():
 def test_invalid_settings_are_reported_all_at_once():
     with pytest.raises(NnfitError) as info:
         nnfit.fit(lr=-1, batch_size=0, optimizer="nope", quiet=True)
-    msg = str(info.value)
-    assert "--lr" in msg and "--batch-size" in msg and "--optimizer" in msg
+    msg = str(info.value)  # Python speaks keyword names; the CLI renders the same problems as options
+    assert "lr must be" in msg and "batch_size must be" in msg and "optimizer must be" in msg and "--" not in msg
+    cli = info.value.cli_message()
+    assert "--lr must be" in cli and "--batch-size must be" in cli and "--optimizer must be" in cli
 
 
 def test_unknown_device_lists_the_devices_that_exist():

@@ -565,3 +565,443 @@ def test_integers_beyond_what_torch_takes(argv, phrase, tmp_path, capsys):
 
 def test_evaluate_seed_beyond_64_bits(run_dir, capsys):
     check(capsys, ["evaluate", str(run_dir), "--seed", "9" * 30], 2, "--seed must be 0 or more and at most")
+
+
+# ==========================================================================================================
+# Issue 11, items 1-6 (run folders): an owner and a lock, only regular files, one validating reader.
+# Bar: exit 0 with the right result, or exit 2 with one line; no traceback, no hang, no earlier run changed.
+# ==========================================================================================================
+
+import contextlib
+import errno
+import hashlib
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import nnfit
+from nnfit import runfolder
+
+SMALL = ["--samples", "200", "--epochs", "3", "--quiet"]
+
+
+def snapshot(folder):
+    """Every file under ``folder`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def within(seconds=10):
+    """A regression that blocks (a FIFO opened for reading) fails here instead of hanging the suite."""
+    def timeout(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def plotted_run(tmp_path_factory):
+    """x**2 + x with plots: fit.png, loss.png and report.html are in the folder."""
+    out = tmp_path_factory.mktemp("plotted") / "good"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+# --- item 1: a run folder has an owner --------------------------------------------------------------------
+
+def test_training_into_an_existing_run_is_refused_and_the_run_is_unchanged(plotted_run, tmp_path, capsys):
+    run = _copy(plotted_run, tmp_path)
+    (run / "notes.txt").write_text("mine")
+    before = snapshot(run)
+    check(capsys, ["train", *SMALL, "--formula", "sin(x)", "--domain", "x=0:3", "--out", str(run)], 2,
+          "already holds a run (config.json, fit.png, loss.png, metrics.csv, model.json, model.safetensors "
+          "and 2 more) and 1 other file(s) (notes.txt); nnfit never overwrites a run folder silently: pass --overwrite")
+    assert snapshot(run) == before
+
+
+def test_a_folder_of_user_files_is_refused_too(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("x\n1\n")
+    check(capsys, ["train", *SMALL, "--out", str(tmp_path / "mine")], 2, "already holds 1 other file(s) (data.csv)")
+    with pytest.raises(nnfit.NnfitError, match="pass --overwrite"):
+        nnfit.fit(samples=100, epochs=1, quiet=True, out=str(tmp_path / "mine"))
+
+
+def test_overwrite_replaces_the_run_removes_its_stale_files_and_keeps_user_files(plotted_run, tmp_path, capsys):
+    run = _copy(plotted_run, tmp_path)
+    (run / "notes.txt").write_text("mine")
+    (run / "state-mydata.safetensors").write_bytes(b"the user's own file")
+    parent = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["train", *SMALL, "--formula", "2*x + 3", "--domain", "x=0:1", "--no-plots", "--overwrite",
+                 "--out", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "nnfit: warning: --overwrite:" in err and "notes.txt, state-mydata.safetensors" in err
+    assert "they are kept" in err
+    assert {p.name for p in run.iterdir() if not p.name.startswith(".")} == {
+        "config.json", "metrics.csv", "model.json", "model.safetensors", "summary.json", "notes.txt",
+        "state-mydata.safetensors"}  # the old fit.png, loss.png and report.html are gone
+    assert (run / "notes.txt").read_text() == "mine"
+    assert f"run folder: {run} (config.json, metrics.csv, model.json, model.safetensors, summary.json)" in out
+    assert nnfit.load(run).config.formula == "2*x + 3"
+    assert abs(nnfit.load(run).predict(np.array([[0.5]]))[0] - 4.0) < 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == parent  # nothing outside the run folder
+
+
+def test_overwrite_from_python_and_save(tutorial_run, tmp_path):
+    model, _ = tutorial_run
+    out = tmp_path / "saved"
+    model.save(out, plots=False)
+    with pytest.raises(nnfit.NnfitError, match="already holds a run"):
+        model.save(out, plots=False)
+    model.save(out, plots=False, overwrite=True)
+    fitted = nnfit.fit(samples=100, epochs=1, quiet=True, plots=False, out=str(out), overwrite=True)
+    assert nnfit.load(out).summary["train_seconds"] == fitted.summary["train_seconds"]
+
+
+def test_disk_full_over_a_good_run_leaves_it_whole(plotted_run, tmp_path, capsys, monkeypatch):
+    run = _copy(plotted_run, tmp_path)
+    before = snapshot(run)
+    good = nnfit.load(run).evaluate()
+    real = tempfile.mkstemp
+
+    def full(*args, dir=None, **kwargs):
+        if Path(dir).name == runfolder.STAGING:  # the new run's files: the disk fills up as they are written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    check(capsys, ["train", *SMALL, "--formula", "sin(x)", "--domain", "x=0:3", "--hidden", "40,40", "--overwrite",
+                   "--out", str(run)], 2, "no space left on the device")
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if k in before} == before  # every file of the good run unchanged
+    assert not [k for k in after if k not in before and not k.startswith(("state", ".nnfit.lock"))]
+    assert nnfit.load(run).evaluate() == good  # x**2 + x, evaluated against x**2 + x
+    assert not (run / runfolder.STAGING).exists()
+
+
+def test_two_writers_on_one_out_the_second_fails_at_once(tmp_path, capsys):
+    run = tmp_path / "run"
+    with runfolder.Claim(run):  # the first writer holds the folder
+        check(capsys, ["train", *SMALL, "--out", str(run)], 2,
+              f"another nnfit process (pid {os.getpid()}) is writing to {run}; wait for it to finish")
+        check(capsys, ["train", *SMALL, "--overwrite", "--out", str(run)], 2, "another nnfit process")
+    assert main(["train", *SMALL, "--out", str(run)]) == 0  # released with the claim
+
+
+def test_the_lock_of_a_killed_writer_is_released(tmp_path, capsys):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "NNFIT_FAULT"}
+    proc = subprocess.Popen([sys.executable, "-m", "nnfit", "train", "--samples", "400", "--optimizer", "adam",
+                             "--batch-size", "32", "--epochs", "500", "--patience", "1000", "--no-plots",
+                             "--out", str(run)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("epoch"):
+                break
+        check(capsys, ["resume", str(run)], 2, "another nnfit process (pid")
+        check(capsys, ["train", *SMALL, "--overwrite", "--out", str(run)], 2, f"(pid {proc.pid}) is writing to")
+    finally:
+        proc.kill()  # a crash: no clean-up runs, the kernel drops the flock
+        proc.wait(timeout=30)
+    assert main(["train", *SMALL, "--overwrite", "--no-plots", "--out", str(run)]) == 0
+
+
+def test_default_out_in_the_same_second_gets_its_own_folder(tmp_path, monkeypatch, capsys):
+    from datetime import datetime
+
+    from nnfit import cli
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "datetime", Frozen)
+    with runfolder.Claim(tmp_path / "runs" / "20260102-030405"):  # a run started in the same second, still running
+        assert main(["train", *SMALL, "--no-plots"]) == 0
+    assert main(["train", *SMALL, "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20260102-030405", "20260102-030405-2",
+                                                                     "20260102-030405-3"]
+    assert (tmp_path / "runs" / "20260102-030405-3" / "model.json").exists()
+    check(capsys, ["train", "--samples", "0"], 2, "--samples must be a positive integer")
+    assert len(list((tmp_path / "runs").iterdir())) == 3  # a refused run leaves no empty folder
+
+
+def test_a_commit_cut_short_is_finished_by_the_next_reader(tutorial_run, tmp_path):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    old = nnfit.load(run).summary
+    new = nnfit.fit(samples=100, epochs=1, quiet=True, plots=False)
+    stage = run / runfolder.STAGING
+    stage.mkdir()
+    new._write_files(stage, plots=False, problem=None)
+    names = sorted(p.name for p in stage.iterdir())
+    (stage / runfolder.COMPLETE).write_text(json.dumps({"files": names, "keep": []}))
+    os.replace(stage / "model.safetensors", run / "model.safetensors")  # the crash came after one rename
+    loaded = nnfit.load(run)
+    assert loaded.summary == json.loads(json.dumps(new.summary)) != old
+    assert not stage.exists() and not (run / "fit.png").exists()
+
+
+# --- item 4: only regular files are written ----------------------------------------------------------------
+
+def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with within(10):
+        check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", str(fifo)], 2,
+              "is a FIFO (named pipe), not a regular file; nnfit writes only regular files")
+    assert stat_kind(fifo) == "fifo"
+
+
+def stat_kind(path):
+    import stat
+
+    mode = os.lstat(path).st_mode
+    return "fifo" if stat.S_ISFIFO(mode) else "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "?"
+
+
+def test_predict_and_export_out_to_a_device_are_refused(run_dir, tmp_path, capsys):
+    # As root, --out /dev/null itself; here a symlink to the device reaches the same check.
+    for name, device in (("null", "/dev/null"), ("full", "/dev/full")):
+        (tmp_path / name).symlink_to(device)
+    check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", str(tmp_path / "null")], 2,
+          "is a character device, not a regular file")
+    check(capsys, ["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "full")], 2,
+          "is a character device, not a regular file")
+    assert stat_kind(tmp_path / "null") == "link" and os.path.realpath(tmp_path / "null") == "/dev/null"
+    check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", str(tmp_path)], 2,
+          "is a folder, not a regular")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.json", "config.json", "summary.json"])
+def test_predict_out_into_the_run_folder_is_refused(run_dir, tmp_path, capsys, name):
+    run = _copy(run_dir, tmp_path)
+    before = snapshot(run)
+    check(capsys, ["predict", str(run), "--input", "x=1", "--out", str(run / name)], 2,
+          f"is a file of the run folder {run} ({name}); writing it would break the run")
+    check(capsys, ["export", str(run), "--format", "torchscript", "--out", str(run / name)], 2, "would break the run")
+    assert snapshot(run) == before
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(run / "model.pt")]) == 0
+
+
+# --- item 6: only regular files inside the folder are read, and only up to a cap ------------------------
+
+def test_weights_as_a_symlink_to_dev_zero_are_refused(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    (run / "model.safetensors").unlink()
+    (run / "model.safetensors").symlink_to("/dev/zero")
+    with within(10):
+        check(capsys, ["predict", str(run), "--input", "x=1"], 2,
+              "model.safetensors is a symbolic link to /dev/zero, outside the run folder")
+
+
+def test_a_symlink_inside_the_run_folder_is_read(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    (run / "summary.json").rename(run / "kept.json")
+    (run / "summary.json").symlink_to("kept.json")
+    assert main(["inspect", str(run)]) == 0
+    assert "l1.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["predict", "--input", "x=1"], ["inspect"], ["evaluate"],
+                                     ["export", "--format", "torchscript"]])
+def test_a_fifo_summary_json_is_refused_without_hanging(run_dir, tmp_path, capsys, command):
+    run = _copy(run_dir, tmp_path)
+    (run / "summary.json").unlink()
+    os.mkfifo(run / "summary.json")
+    with within(10):
+        check(capsys, [command[0], str(run), *command[1:]], 2,
+              "summary.json is a FIFO (named pipe), not a regular file; nnfit reads only regular files")
+
+
+def test_an_oversized_json_file_is_refused_before_it_is_read(run_dir, tmp_path, capsys, monkeypatch):
+    run = _copy(run_dir, tmp_path)
+    monkeypatch.setattr(runfolder, "JSON_LIMIT", 100)
+    size = (run / "model.json").stat().st_size
+    check(capsys, ["predict", str(run), "--input", "x=1"], 2,
+          f"model.json is {size} bytes, more than the 100 this file can hold; it is not nnfit's file")
+
+
+# --- item 5: hostile or damaged run-folder JSON ------------------------------------------------------------
+
+def _edit_json(path, change):
+    value = json.loads(path.read_text())
+    path.write_text(json.dumps(change(value)))
+
+
+def _set(keys, new):
+    def change(d):
+        target = d
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = new
+        return d
+    return change
+
+
+def _drop(key):
+    def change(d):
+        del d[key]
+        return d
+    return change
+
+
+CRAFTED_RUNS = [  # (case, file, change, command, phrase)
+    ("activation_os_system", "model.json", _set(["architecture", "activation"], "os.system"), "predict",
+     "architecture.activation must be one of relu, tanh, silu, gelu, sigmoid, none, got \"os.system\""),
+    ("negative_width", "model.json", _set(["architecture", "hidden"], [-5, 100]), "predict",
+     "architecture.hidden[0] must be between 1 and 2147483647, got -5"),
+    ("string_width", "model.json", _set(["architecture", "hidden"], ["100", 100]), "evaluate",
+     "architecture.hidden[0] must be an integer, got \"100\""),
+    ("missing_architecture", "model.json", _drop("architecture"), "inspect", "model.json: is missing architecture"),
+    ("missing_scaling", "model.json", _drop("scaling"), "predict", "model.json: is missing scaling"),
+    ("dtype_dunder_class", "model.json", _set(["dtype"], "__class__"), "predict",
+     "dtype must be one of float32, float64, got \"__class__\""),
+    ("input_names_a_number", "model.json", _set(["input_names"], 5), "predict", "input_names must be a list, got 5"),
+    ("model_json_a_list", "model.json", lambda d: [d], "export", "model.json: must be an object, got [{"),
+    ("config_json_a_list", "config.json", lambda d: [], "predict", "config.json: must be an object of settings"),
+    ("summary_json_a_list", "summary.json", lambda d: [1], "inspect", "summary.json: must be an object, got [1]"),
+    ("width_1e9", "model.json", _set(["architecture", "hidden"], [10**9, 100]), "predict",
+     "but the architecture in model.json needs 408,000,000,804 bytes of weights"),
+    ("config_setting_from_a_newer_nnfit", "config.json", _set(["warp_drive"], 5), "predict",
+     "config.json: setting(s) warp_drive are unknown to this nnfit (written by a newer nnfit? upgrade nnfit"),
+    ("config_wrong_type", "config.json", _set(["hidden"], "abc"), "evaluate",
+     "config.json field hidden: must be a list, got \"abc\""),
+    ("scaling_length", "model.json", _set(["scaling", "x_std"], [1.0, 2.0]), "predict",
+     "scaling.x_std has 2 values for 1 input(s)"),
+    ("parameter_table_unknown_name", "summary.json", _set(["parameter_table", 0, "name"], "__class__"), "inspect",
+     "parameter_table names __class__, which the weights do not hold"),
+]
+
+
+@pytest.mark.parametrize("case, name, change, command, phrase", CRAFTED_RUNS, ids=[c[0] for c in CRAFTED_RUNS])
+def test_crafted_run_folder(run_dir, tmp_path, capsys, case, name, change, command, phrase):
+    run = _copy(run_dir, tmp_path)
+    _edit_json(run / name, change)
+    args = {"predict": ["--input", "x=1"], "export": ["--format", "torchscript"]}.get(command, [])
+    with within(10):
+        check(capsys, [command, str(run), *args], 2, phrase)
+
+
+def _rewrite_weights(run, change):
+    """Change the weights and fix their checksum in model.json, as an attacker would."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = change(load_file(run / "model.safetensors"))
+    save_file(tensors, run / "model.safetensors")
+    _edit_json(run / "model.json", _set(["weights", "sha256"],
+                                        hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()))
+
+
+def test_crafted_run_folder_shape_mismatch_with_its_checksum_fixed(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    _rewrite_weights(run, lambda t: {**t, "l1.weight": torch.zeros(7, 1)})
+    check(capsys, ["train", *SMALL, "--init-from", str(run), "--out", str(tmp_path / "o")], 2,
+          "model.safetensors: tensor l1.weight has shape (7, 1), but the architecture needs (100, 1)", tmp_path / "o")
+
+
+def test_crafted_run_folder_i32_weights_with_their_checksum_fixed(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    _rewrite_weights(run, lambda t: {k: v.to(torch.int32) for k, v in t.items()})
+    check(capsys, ["predict", str(run), "--input", "x=0.5"], 2,
+          "tensor l1.weight has dtype int32, but the run's dtype is float32; the run folder was edited")
+
+
+def test_crafted_run_folder_extra_tensor(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    _rewrite_weights(run, lambda t: {**t, "evil": torch.zeros(1)})
+    check(capsys, ["inspect", str(run)], 2, "does not hold the tensors of the architecture: unexpected evil")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run with a training state mid-epoch (Adam: optimizer tensors), as a kill leaves it."""
+    from nnfit import devices
+
+    def kill():
+        raise SystemExit(137)
+
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("NNFIT_FAULT", "kill-at-step:5")
+        m.setattr(devices, "kill_self", kill)
+        with pytest.raises(SystemExit):
+            main(["train", "--samples", "200", "--optimizer", "adam", "--batch-size", "32", "--epochs", "3",
+                  "--checkpoint-every", "2", "--quiet", "--no-plots", "--out", str(run)])
+    return run
+
+
+def _first_tensor_ref(info):
+    return info["optimizer"]["state"]["__items__"][0][1]  # Adam's state of the first parameter
+
+
+CRAFTED_STATES = [
+    ("epoch_negative", _set(["position", "epoch"], -5), "position.epoch must be 0 or more, got -5"),
+    ("optimizer_evil", _set(["optimizer"], "evil"), "optimizer must be an object, got \"evil\""),
+    ("missing_tensor_reference", lambda d: (_first_tensor_ref(d).update(exp_avg={"__tensor__": "nope"}), d)[1],
+     "refers to tensor(s) \"nope\" that its tensor file does not hold"),
+    ("broken_rng_entry", _set(["rng", "numpy"], ["MT19937", 5]), "rng.numpy must have between 4 and 4 entries"),
+    ("broken_rng_value", _set(["rng", "numpy", 1], 10**6), "rng.numpy is malformed"),
+    ("history_a_number", _set(["history"], 5), "history must be a list, got 5"),
+    ("unknown_optimizer_in_config", _set(["config", "optimizer"], "evil"),
+     "field config: invalid settings: --optimizer must be one of"),
+    ("rows_beyond_the_epoch", _set(["position", "rows"], 10**6), "position.rows 1000000 is beyond the epoch's"),
+]
+
+
+@pytest.mark.parametrize("case, change, phrase", CRAFTED_STATES, ids=[c[0] for c in CRAFTED_STATES])
+def test_crafted_training_state(stopped_run, tmp_path, capsys, case, change, phrase):
+    run = _copy(stopped_run, tmp_path)
+    _edit_json(run / "state.json", change)
+    before = snapshot(run)
+    with within(10):
+        check(capsys, ["resume", str(run)], 2, phrase)
+    assert snapshot(run) == before
+
+
+def test_crafted_training_state_with_a_mismatched_model_tensor(stopped_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = _copy(stopped_run, tmp_path)
+    info = json.loads((run / "state.json").read_text())
+    path = run / info["tensors"]["file"]
+    tensors = load_file(path)
+    tensors["model/l1.weight"] = torch.zeros(3, 1)
+    tensors["best/l1.weight"] = torch.zeros(3, 1)
+    save_file(tensors, path)
+    _edit_json(run / "state.json", _set(["tensors", "sha256"], hashlib.sha256(path.read_bytes()).hexdigest()))
+    check(capsys, ["resume", str(run)], 2, "tensor l1.weight has shape (3, 1), but the architecture needs (100, 1)")
+
+
+def test_a_stopped_run_resumes_after_the_reader_checked_it(stopped_run, tmp_path, capsys):
+    run = _copy(stopped_run, tmp_path)
+    check(capsys, ["train", *SMALL, "--out", str(run)], 2,
+          "already holds a run (state-000002.safetensors, state.json)")
+    check(capsys, ["train", *SMALL, "--out", str(run)], 2, f"or continue the stopped run in it with: nnfit resume {run}")
+    assert main(["resume", str(run)]) == 0
+    assert nnfit.load(run).summary["epochs"] >= 1 and not (run / "state.json").exists()
+
+
+def test_the_reader_reads_a_pickled_regressor_through_the_same_checks():
+    pytest.importorskip("sklearn")
+    from nnfit.sklearn import _pack, _unpack
+
+    X = np.linspace(0, 1, 40).reshape(-1, 1)
+    model = nnfit.Regressor(hidden=(8,), epochs=2, random_state=0).fit(X, X[:, 0] * 2).model_
+    packed = _pack(model)
+    assert np.allclose(_unpack(packed).predict(X), model.predict(X))
+    with pytest.raises(nnfit.NnfitError, match="the pickled Regressor: architecture.activation must be one of"):
+        _unpack({**packed, "architecture": {**packed["architecture"], "activation": "os.system"}})

@@ -23,6 +23,8 @@ import nnfit
 from nnfit import devices, freeze
 from nnfit.cli import main
 
+# load_state_dict warns about copying into a "meta" parameter; the copy happens (Other.copy_ below).
+pytestmark = pytest.mark.filterwarnings("ignore:.*to a meta parameter.*:UserWarning")
 OTHER = torch.device("meta")  # the one device type torch lets a tensor claim without its runtime
 _TO = {torch.ops.aten._to_copy.default, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout,
        torch.ops.aten.to.dtype, torch.ops.aten.to.other}
@@ -219,17 +221,17 @@ def test_resume_restores_onto_the_device_and_finishes_identically(other, starts,
 def test_a_rollback_after_a_nan_loss_stays_on_the_device(other, starts, monkeypatch):
     from nnfit import train as train_module
 
-    real, calls = train_module._step, [0]
+    real, calls = train_module.EagerStep.__call__, [0]
 
-    def step(model, optimizer, xb, yb, grad_clip, plan):
+    def step(self, xb, yb):
         calls[0] += 1
-        loss = real(model, optimizer, xb, yb, grad_clip, plan)
+        loss = real(self, xb, yb)
         if calls[0] == 12:  # in epoch 2: its weights become NaN, and the run rolls back to epoch 1's end
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
+                next(self.model.parameters()).fill_(float("nan"))
         return loss
 
-    monkeypatch.setattr(train_module, "_step", step)
+    monkeypatch.setattr(train_module.EagerStep, "__call__", step)
     fitted = nnfit.fit(epochs=3, optimizer="adam", batch_size=32, **SMALL)
     assert fitted.summary["rollbacks"][0]["epoch"] == 2
     assert on_other(fitted.module) and all(torch.isfinite(p).all() for p in fitted.module.parameters())

@@ -108,7 +108,7 @@ def test_disk_full_while_saving_keeps_the_previous_state(baselines, tmp_path, mo
     def fdopen(fd, mode="r", *args, **kwargs):
         calls[0] += 1
         f = real(fd, mode, *args, **kwargs)
-        return Full(f) if calls[0] >= 6 else f  # 1: config.json, 2-3: step 5, 4-5: step 10, 6: epoch 1's end
+        return Full(f) if calls[0] >= 5 else f  # 1-2: step 5, 3-4: step 10, 5: epoch 1's end
 
     run = tmp_path / "run"
     monkeypatch.setattr(os, "fdopen", fdopen)

@@ -103,7 +103,7 @@ def test_patterns_name_exact_parameters_layers_and_globs(pattern, expected):
 
 def test_patterns_that_match_nothing_list_the_names():
     model = MLP(1, 1, hidden=(4,))
-    with pytest.raises(NnfitError, match=r"--freeze 'l9' matches no parameter; the parameters are: "
+    with pytest.raises(NnfitError, match=r"freeze='l9' matches no parameter; the parameters are: "
                                          r"l1\.weight, l1\.bias, l2\.weight, l2\.bias\."):
         freeze.freeze(model, ["l9"])
     with pytest.raises(NnfitError, match="matches no parameter"):
@@ -234,7 +234,7 @@ def test_unfreeze_at_trains_a_layer_from_that_epoch_on(optimizer, optimizers):
 
 
 def test_unfreeze_at_must_name_frozen_parameters():
-    with pytest.raises(NnfitError, match=r"--unfreeze-at 2:l2 names l2.weight, l2.bias, which are not frozen; "
+    with pytest.raises(NnfitError, match=r"unfreeze_at={2: 'l2'} names l2.weight, l2.bias, which are not frozen; "
                                          r"frozen parameters are: l1.weight, l1.bias"):
         nnfit.fit(domain={"x": (0, 1)}, freeze=["l1"], unfreeze_at={2: "l2"}, epochs=3, **SMALL)
 
@@ -264,11 +264,11 @@ def test_lr_for_follows_the_one_cycle_schedule_and_applies_to_unfrozen_groups(op
 
 
 def test_lr_for_is_refused_for_lbfgs_and_for_only_frozen_parameters():
-    with pytest.raises(NnfitError, match="lbfgs takes all parameters in one group; use --optimizer adam"):
+    with pytest.raises(NnfitError, match="lbfgs takes all parameters in one group; use optimizer='adam'"):
         Config(optimizer="lbfgs", lr_for=(("l1", 0.1),))
-    with pytest.raises(NnfitError, match="--optimizer auto chose full-batch L-BFGS .* pass --optimizer adam"):
+    with pytest.raises(NnfitError, match="optimizer='auto' chose full-batch L-BFGS .* pass optimizer='adam'"):
         nnfit.fit(domain={"x": (0, 1)}, lr_for={"l1": 0.1}, epochs=1, **SMALL)
-    with pytest.raises(NnfitError, match=r"--lr-for l1=0.1 names only frozen parameters \(l1.weight, l1.bias\)"):
+    with pytest.raises(NnfitError, match=r"lr_for={'l1': 0.1} names only frozen parameters \(l1.weight, l1.bias\)"):
         nnfit.fit(domain={"x": (0, 1)}, optimizer="adam", freeze=["l1"], lr_for={"l1": 0.1}, epochs=1, **SMALL)
 
 
@@ -340,7 +340,7 @@ def test_init_from_with_other_input_names_warns(base_run):
 
 
 def test_unfreeze_after_the_last_epoch_is_refused():
-    with pytest.raises(NnfitError, match=r"--unfreeze-at 50:l1 is after the last epoch \(--epochs 30\)"):
+    with pytest.raises(NnfitError, match=r"unfreeze_at={50: 'l1'} is after the last epoch \(epochs=30\)"):
         Config.from_dict({"freeze": ["l1"], "unfreeze_at": {50: "l1"}, "epochs": 30})
 
 

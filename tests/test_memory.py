@@ -79,7 +79,7 @@ def test_oom_recovery_in_lbfgs_keeps_the_full_batch():
 def test_oom_at_the_floor_is_a_clear_error():
     with pytest.raises(NnfitError) as err:
         nnfit.fit(model=_oom_above(Net(), 16), optimizer="adam", batch_size=64, epochs=1, min_batch_size=32, **SMALL)
-    message = str(err.value)
+    message = err.value.cli_message()
     assert "out of memory in a training step on cpu even with a batch of 32 row(s)" in message
     assert "--min-batch-size 32" in message and "--data-on cpu" in message and "smaller model" in message
 

@@ -164,5 +164,5 @@ def test_freeze_passes_through_to_training(product):
 
 def test_invalid_settings_raise_nnfit_error(product):
     (X, y), _ = product
-    with pytest.raises(NnfitError, match="--activation must be one of .*got 'swish'"):
+    with pytest.raises(NnfitError, match="activation must be one of .*got 'swish'"):
         nnfit.Regressor(activation="swish").fit(X, y)

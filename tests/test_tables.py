@@ -232,17 +232,17 @@ def test_one_row(tmp_path):
 
 
 def test_no_target_lists_columns(csv):
-    expected = "no target given: pass --target NAME; columns are: a, b, y$"
+    expected = "no target given: pass target=NAME; columns are: a, b, y$"
     with pytest.raises(NnfitError, match=expected):
         load_table(csv)
 
 
 def test_missing_target_lists_columns_and_suggests(tmp_path):
     path = write(tmp_path, "data.csv", "x,y\n1,2\n3,4\n")
-    expected = r"target column 'yy' not found in .*data.csv; columns are: x, y\. Pass --target y\."
+    expected = r"target column 'yy' not found in .*data.csv; columns are: x, y\. Pass target='y'\."
     with pytest.raises(NnfitError, match=expected):
         load_table(path, target="yy")
-    with pytest.raises(NnfitError, match=r"Pass --target x,y\."):
+    with pytest.raises(NnfitError, match=r"Pass target='x,y'\."):
         load_table(path, target="X,y")
 
 
@@ -422,7 +422,7 @@ def test_constant_target_warns(tmp_path):
 
 
 def test_bad_target_type(csv):
-    with pytest.raises(NnfitError, match="--target must be a column name"):
+    with pytest.raises(NnfitError, match="target must be a column name"):
         load_table(csv, target=3)
 
 

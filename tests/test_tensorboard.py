@@ -52,12 +52,12 @@ def test_logged_values_match_the_run_history(run):
 
 def test_missing_tensorboard_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    with pytest.raises(NnfitError, match=r"--tensorboard needs the tensorboard package.*nnfit\[tensorboard\]"):
+    with pytest.raises(NnfitError, match=r"tensorboard needs the tensorboard package.*nnfit\[tensorboard\]"):
         nnfit.fit(samples=50, epochs=1, tensorboard=True, out=str(tmp_path / "r"), quiet=True, plots=False)
 
 
 def test_tensorboard_needs_a_run_folder():
-    with pytest.raises(NnfitError, match="--tensorboard writes to RUN/tb, but no run folder was given"):
+    with pytest.raises(NnfitError, match="tensorboard writes to RUN/tb, but no run folder was given; pass out=RUN"):
         nnfit.fit(samples=50, epochs=1, tensorboard=True, quiet=True)
 
 

@@ -17,9 +17,16 @@ _LAZY = {"fit": "nnfit.api", "load": "nnfit.api", "resume": "nnfit.api", "Fitted
          "Regressor": "nnfit.sklearn", "inspect": "nnfit.freeze", "sweep": "nnfit.sweeps"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+# Modules that `import nnfit` makes reachable as attributes on first use: nnfit.export.export(...).
+_SUBMODULES = ("export", "sklearn", "report", "html_report", "freeze", "tables", "checkpoint", "devices", "metrics",
+               "model", "formula", "data", "train", "trainstate", "progress", "config", "errors", "api", "launch")
 
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"nnfit.{name}")
     raise AttributeError(f"module 'nnfit' has no attribute {name!r}")

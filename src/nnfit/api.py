@@ -13,14 +13,15 @@ import numpy as np
 import torch
 
 import nnfit
-from nnfit import checkpoint, devices, freeze, trainstate
+from nnfit import checkpoint, devices, freeze, runfolder, trainstate
 from nnfit.config import INT64_MAX, Config
 from nnfit.data import (Problem, Scaling, as_matrix, build_problem, dtype_for_values, formula_values, sample_domain,
                         split_indices)
 from nnfit.errors import NnfitError, NnfitWarning, TrainingDiverged
+from nnfit.errors import setting as S
 from nnfit.formula import parse_formula
-from nnfit.metrics import ensemble_metrics, regression_metrics
-from nnfit.model import architecture, build_mlp, check_module, instantiate, members, rebuild
+from nnfit.metrics import ensemble_metrics, per_target_metrics, regression_metrics
+from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
 from nnfit.train import TrainData, train
 
@@ -117,6 +118,37 @@ class FittedModel:
             return _squeezed(mean)
         return _squeezed(mean), _squeezed(out.std(dim=0).numpy())
 
+    def predict_frame(self, data, out=None):
+        """Predictions next to their inputs: a DataFrame with the input columns and one ``NAME_pred``
+        column per target, and for an ensemble one ``NAME_std`` column (the members' standard deviation).
+        ``data``: a table's path or a DataFrame. ``out`` (.csv or .parquet): also write it there (atomically)."""
+        from nnfit.tables import read_inputs
+
+        frame = read_inputs(data, self.input_names, allowed_extra=self.target_names) \
+            if isinstance(data, (str, Path)) else data  # a DataFrame is checked by predict
+        X = frame[list(self.input_names)]
+        pred, std = self.predict(X, return_std=True) if self.members > 1 else (self.predict(X), None)
+        pred = np.asarray(pred).reshape(len(frame), -1)
+        result = frame.copy()
+        for i, name in enumerate(self.target_names):
+            result[f"{name}_pred"] = pred[:, i]
+            if std is not None:
+                result[f"{name}_std"] = np.asarray(std).reshape(len(frame), -1)[:, i]
+        if out is not None:
+            out = str(out)
+            runfolder.check_output(out)  # a regular file, and not one of a run folder's own files
+            if out.endswith((".parquet", ".pq")):
+                checkpoint.atomic_write_bytes(out, result.to_parquet(index=False))
+            else:
+                checkpoint.atomic_write_bytes(out, result.to_csv(index=False).encode())
+        return result
+
+    def export(self, format: str, out=None) -> Path:
+        """Write a deployable ONNX or TorchScript model (scaling included); see ``nnfit.export.export``."""
+        from nnfit.export import export
+
+        return export(self, format, out)
+
     def evaluate(self, data=None, target=None, X=None, y=None, samples: int | None = None,
                  seed: int | None = None, members: bool = False) -> dict:
         """Metrics in original units on a table (``data``), on arrays (``X``, ``y``), or for a
@@ -130,9 +162,9 @@ class FittedModel:
             raise NnfitError("evaluate(members=True) reports an ensemble's members and their spread, but this "
                              "model is a single network; train with ensemble=K (K >= 2, CLI: --ensemble K)")
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
-            raise NnfitError(f"--samples must be a positive integer, got {samples!r}")
+            raise NnfitError(f"{S('samples')} must be a positive integer, got {samples!r}")
         if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
-            raise NnfitError(f"--seed must be 0 or more and at most {INT64_MAX}, got {seed!r}")
+            raise NnfitError(f"{S('seed')} must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
             X_t = as_matrix(X, self.input_names)
             if y is None:
@@ -157,11 +189,8 @@ class FittedModel:
             formula = self.formula
             if formula is None:
                 raise NnfitError("this model was trained on a table, so there is no formula to draw test points from; "
-                                 "pass a labelled table: --data FILE (in Python: evaluate(data=...))")
-            n = self.config.test_samples if samples is None else samples
-            s = self.config.seed + TEST_SEED_OFFSET if seed is None else seed
-            X_t, Y_t = formula_values(formula, sample_domain(self.config.domain, n, s),
-                                      self.config.nonfinite, "test points")
+                                 f"pass a labelled table: {S('data', 'FILE')}")
+            X_t, Y_t = test_points(self.config, formula, samples, seed)
         if Y_t.shape[1] != len(self.target_names):
             raise NnfitError(f"got {Y_t.shape[1]} target column(s), but the model predicts "
                              f"{len(self.target_names)} ({', '.join(self.target_names)})")
@@ -169,24 +198,37 @@ class FittedModel:
             return ensemble_metrics(self.member_predictions(X_t), Y_t)
         return regression_metrics(self.predict_tensor(X_t), Y_t)
 
-    def save(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
-        """Write the run folder: weights, metadata, config, metrics, summary and plots."""
+    def save(self, out, plots: bool = True, problem: Problem | None = None, overwrite: bool = False) -> Path:
+        """Write the run folder: weights, metadata, config, metrics, summary and plots.
+
+        A folder that already holds files is refused unless ``overwrite=True``, which replaces the run in it
+        and keeps files that are not nnfit's. The files are written beside the previous run and moved into
+        place at the end, so a failure leaves the previous run whole.
+        """
+        with runfolder.Claim(out, overwrite=overwrite):
+            return self._write(out, plots, problem)
+
+    def _write(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
+        """Write the run into ``out``, whose claim the caller holds: staged, then committed; then the plots."""
         from nnfit import report
 
         out = Path(out)
+        self.path = out
         with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
                               kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
-            self._save_files(out)
+            with runfolder.staged(out) as stage:
+                self._write_files(stage)
+            runfolder.commit(out, keep=("tb",) if self.config.tensorboard else ())
         if plots:
             from nnfit import html_report
 
             with trainstate.phase("writing the plots", kept=f"the model is saved in {out}, without its plots"):
                 report.write_plots(out, self, problem)
                 html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
-        self.path = out
         return out
 
-    def _save_files(self, out: Path) -> None:
+    def _write_files(self, out: Path) -> None:
+        """The run's model, metadata, config, summary and metrics (not the plots) into ``out``."""
         from nnfit import report
 
         state = self.module.state_dict()
@@ -212,7 +254,8 @@ def _squeezed(pred: np.ndarray) -> np.ndarray:
 
 
 def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=None, *, model=None,
-        config: Config | None = None, reporter: Reporter | None = None, **settings) -> FittedModel:
+        config: Config | None = None, reporter: Reporter | None = None, stop_signals: bool = False,
+        **settings) -> FittedModel:
     """Learn a function from a formula over a domain, or from a table.
 
     Args:
@@ -221,8 +264,10 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         data: a path (.csv, .tsv, .parquet, .npy, .npz) or a pandas DataFrame.
         target, inputs: column names (a list, or a comma-separated string).
         model: your own ``torch.nn.Module`` in place of the built-in MLP.
+        stop_signals: while training, SIGINT and SIGTERM save the training state and raise
+            ``TrainingInterrupted`` (a second one stops at once), as ``nnfit train`` does.
         **settings: any ``Config`` field, named as the CLI option (``epochs``, ``batch_size``, ``lr``, ...).
-            ``out`` writes the run folder there.
+            ``out`` writes the run folder there; ``verbose=True`` prints every epoch and the result.
 
     Returns:
         A FittedModel with ``predict``, ``evaluate`` and ``save``.
@@ -239,12 +284,44 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
         config = config.replace(**values, **settings)
     if frame is not None and config.formula is not None:
         raise NnfitError("formula and data were both given; choose one source of samples")
-    if config.devices > 1 and not devices.launched():
-        from nnfit import launch
+    reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
+    launcher = config.devices > 1 and not devices.launched()
+    # With --devices N the workers handle the signals (launch.py).
+    with _signals(stop_signals and not launcher), _claim(config):
+        if launcher:
+            from nnfit import launch
 
-        return launch.fit_in_workers(config, frame, model)
+            fitted = launch.fit_in_workers(config, frame, model)
+            reporter.result(fitted, config.resume)
+            return fitted
+        return _fit_here(config, frame, model, reporter)
+
+
+def _signals(enabled: bool):
+    """SIGINT and SIGTERM save the training state and stop (exit 130 or 143); a second one stops at once.
+    Under DDP the ranks agree to stop at an epoch end; a worker ignores the echo of the launcher's
+    forwarded signal."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext()
+    return trainstate.handling_signals(trainstate.ECHO_SECONDS if devices.launched() else 0.0)
+
+
+def _claim(config: Config):
+    """The run folder's owner is the process that started the run: this one, or under torchrun rank 0
+    (``--devices N`` workers run ``_fit_here`` under their launcher's claim)."""
+    from contextlib import nullcontext
+
+    if not config.out or devices.rank() != 0:
+        return nullcontext()
+    return runfolder.Claim(config.out, overwrite=config.overwrite, resume=config.resume)
+
+
+def _fit_here(config: Config, frame, model, reporter: Reporter | None) -> FittedModel:
+    """``fit`` in this process (one device, or one worker of a DDP run); prints the result."""
     ctx = devices.init_context(config)
-    # Under torch.distributed only rank 0 prints progress and warnings.
+    # Under torch.distributed only rank 0 prints progress, warnings and the result.
     if not ctx.is_main:
         reporter = Reporter(quiet=True)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
@@ -256,9 +333,10 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
             with trainstate.phase("preparing the run", kept=functools.partial(_kept_after_stop, config.out)):
                 fitted = _fit(config, ctx, frame, model, reporter)
         failed = False
-        return fitted
     finally:
         devices.cleanup_context(ctx, failed)
+    reporter.result(fitted, config.resume)
+    return fitted
 
 
 def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
@@ -276,7 +354,9 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if dtype_name != config.dtype:
         config = config.replace(dtype=dtype_name)
     train_idx, val_idx = split_indices(len(problem.X), config.val_split, config.seed)
-    init = checkpoint.load_weights(config.init_from) if config.init_from else None
+    if not config.resume:
+        _warn_if_few_rows(config, problem, len(train_idx), len(val_idx))
+    init = runfolder.read_model(config.init_from) if config.init_from else None
     if init is not None and not config.refit_scaling and scaling is None:
         scaling = Scaling.from_dict(init[1]["scaling"])  # fine-tuning keeps the run's units by default
     scaling = scaling or Scaling.fit(problem.X[train_idx], problem.Y[train_idx], problem.target_names)
@@ -314,7 +394,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     reporter.log(f"learning {problem.source} with {len(problem.input_names)} input(s) "
                  f"({', '.join(problem.input_names)}) on {ctx.device}{workers}")
     reporter.log(data_line)
-    saver = _saver(config, ctx, problem, user_model) if config.out else None
+    saver = _saver(config, ctx, problem, user_model, module) if config.out else None
     try:
         with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
             result = train(module, data, config, reporter, ctx, saver, member_lrs=member_lrs)
@@ -323,9 +403,12 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
     with trainstate.phase("the final evaluation", kept=kept):
-        validation = regression_metrics(fitted.predict_tensor(problem.X[val_idx]), problem.Y[val_idx]) \
-            if len(val_idx) else None
-        test = fitted.evaluate() if problem.formula is not None else None
+        val_pred = fitted.predict_tensor(problem.X[val_idx]) if len(val_idx) else None
+        validation = regression_metrics(val_pred, problem.Y[val_idx]) if len(val_idx) else None
+        X_test = Y_test = test = None
+        if problem.formula is not None:
+            X_test, Y_test = test_points(config, problem.formula)
+            test = fitted.evaluate(X=X_test, y=Y_test)
     summary = {
         "nnfit_version": nnfit.__version__,
         "source": problem.source,
@@ -341,9 +424,13 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "device": str(ctx.device),
         "validation": validation,
     }
+    if len(problem.target_names) > 1 and len(val_idx):
+        summary["per_target"] = {"validation": per_target_metrics(val_pred, problem.Y[val_idx], problem.target_names)}
     if problem.formula is not None:
         summary["test"] = test
         summary["test_samples"] = config.test_samples
+        _warn_if_test_is_far_worse(validation, summary["test"], (fitted.predict_tensor(X_test) - Y_test) ** 2,
+                                   len(train_idx))
     if init is not None:
         summary["init_from"] = before
     if result.frozen:
@@ -367,10 +454,58 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
                                "best_val_losses": result.member_best_val_losses}
     fitted.config = config.replace(resume=False)  # config.json: the run's settings, however it was started
     if config.out and ctx.is_main:  # one writer: rank 0 (the module is the unwrapped one)
-        fitted.save(config.out, plots=config.plots, problem=problem)
-        with trainstate.phase("saving the run", deferred=True):
-            checkpoint.remove_state(config.out)  # the finished model replaces the training state
+        fitted._write(config.out, plots=config.plots, problem=problem)  # replaces the training state too
     return fitted
+
+
+def test_points(config: Config, formula, samples: int | None = None, seed: int | None = None):
+    """Fresh points of a formula run's domain, never the training sample: X and the formula's values."""
+    n = config.test_samples if samples is None else samples
+    s = config.seed + TEST_SEED_OFFSET if seed is None else seed
+    return formula_values(formula, sample_domain(config.domain, n, s), config.nonfinite, "test points")
+
+
+# Below MIN_VALIDATION points a validation score says nothing useful: the MSE of n points has a relative
+# standard error of about sqrt(2/n) (over 60% below 5 points), and R² of a single point is undefined (0).
+MIN_VALIDATION = 5
+# Below MIN_TRAIN_PER_INPUT training rows per input, the samples pin down little of a function between them.
+MIN_TRAIN_PER_INPUT = 10
+
+
+def _warn_if_few_rows(config: Config, problem: Problem, n_train: int, n_val: int) -> None:
+    d = len(problem.input_names)
+    if n_val >= MIN_VALIDATION and n_train >= MIN_TRAIN_PER_INPUT * d:
+        return
+    given = f"{S('samples', config.samples)} gives" if problem.formula is not None else \
+        f"{problem.source} has {n_train + n_val} rows, which give"
+    more = f"raise {S('samples')} to 100 or more" if problem.formula is not None else "use a larger table"
+    warnings.warn(f"{given} {n_train} training row(s) and {n_val} validation row(s): a validation score needs at "
+                  f"least {MIN_VALIDATION} points to mean anything (its R² of one point is 0 by definition), and "
+                  f"{n_train} row(s) pin down little of a function of {d} input(s); {more}", NnfitWarning,
+                  stacklevel=4)
+
+
+def _warn_if_test_is_far_worse(validation, test, test_errors: torch.Tensor, n_train: int) -> None:
+    """A fit that looks good on its validation rows but not on fresh points of the domain: say so, and why.
+    ``test_errors``: the squared error of each test point."""
+    if not validation or not test:
+        return
+    if not (test["r2"] < 0.99 and 1 - test["r2"] > 10 * max(1 - validation["r2"], 1e-12)):
+        return
+    worst = test_errors.flatten().sort(descending=True).values
+    share = float(worst[:max(1, len(worst) // 100)].sum() / worst.sum().clamp_min(1e-300))
+    if share > 0.5:  # errors concentrated in a sliver of the domain: a place where the function blows up
+        why = (f"the worst 1% of the test points carry {share:.0%} of the squared error: the domain holds a "
+               "singularity or a spike (such as 1/x near 0) that the training samples cannot cover; narrow the "
+               "domain to leave it out, or learn a smoother quantity")
+    elif n_train < 100:
+        why = f"{n_train} training rows leave the function unconstrained between them; raise {S('samples')}"
+    else:
+        why = (f"the validation rows miss parts of the domain where the fit is poor; raise {S('samples')} or "
+               "look at fit.png for where the errors are")
+    warnings.warn(f"the test metrics are far worse than validation (R² {test['r2']:.4f} on fresh points of the "
+                  f"domain against {validation['r2']:.4f} on the validation rows, MSE {test['mse']:.3g} against "
+                  f"{validation['mse']:.3g}): {why}", NnfitWarning, stacklevel=4)
 
 
 def _kept_after_stop(out) -> str:
@@ -393,7 +528,7 @@ def _require_finite_metrics(summary: dict, config: Config) -> None:
                              f"--dtype float64{kept}")
 
 
-def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Saver:
+def _saver(config: Config, ctx, problem: Problem, user_model, module) -> trainstate.Saver:
     """Where the training state goes; with ``config.resume``, the verified state to continue from."""
     digest = hashlib.sha256()
     for T in (problem.X, problem.Y):
@@ -406,24 +541,35 @@ def _saver(config: Config, ctx, problem: Problem, user_model) -> trainstate.Save
             raise NnfitError(f"the samples of {problem.source} are not those the run in {config.out} started with "
                              "(the file changed, or another DataFrame was passed); resume needs the same data, "
                              "or start a new run")
+        _check_state_fits(state, module, Path(config.out) / checkpoint.STATE)
     info = {"nnfit_version": nnfit.__version__, "config": config.replace(resume=False).to_dict(),
             "fingerprint": fingerprint, "source": "dataframe" if config.data is None and config.formula is None
             else problem.source, "custom_model": type(user_model).__name__ if user_model is not None else None}
     return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state, ctx.distributed)
 
 
+def _check_state_fits(state: trainstate.State, module, where: Path) -> None:
+    """The saved model, best and starting tensors have this run's names, shapes and dtype."""
+    module = freeze.unwrap(module)
+    dtype = next(module.parameters()).dtype
+    tensors = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    params = {k: tuple(p.shape) for k, p in module.named_parameters()}
+    for prefix, expected in (("model", tensors), ("best", tensors), ("start", params)):
+        runfolder.check_tensors(trainstate.part(state, prefix), expected, dtype, f"{where} ({prefix})")
+
+
 def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx):
     """After a divergence that rollbacks could not cure: save the best weights (the module holds them)."""
     result = exc.result
     if result is None or not result.best_epoch:
-        return TrainingDiverged(f"{exc}; no epoch had improved, so there are no weights to keep", result)
+        return TrainingDiverged(f"{exc.args[0]}; no epoch had improved, so there are no weights to keep", result)
     if not (config.out and ctx.is_main):
         return exc
     summary = {"nnfit_version": nnfit.__version__, "source": problem.source, "stopped": result.stopped,
                "best_epoch": result.best_epoch, "rollbacks": result.rollbacks, "diverged": True}
     FittedModel(module, scaling, problem.input_names, problem.target_names, config.replace(resume=False),
-                result.history, summary).save(config.out, plots=False)
-    return TrainingDiverged(f"{exc}. The best weights (epoch {result.best_epoch}, validation loss "
+                result.history, summary)._write(config.out, plots=False)
+    return TrainingDiverged(f"{exc.args[0]}. The best weights (epoch {result.best_epoch}, validation loss "
                             f"{result.best_val_loss:.4e}) are saved in {config.out}", result)
 
 
@@ -435,12 +581,12 @@ def _start_from(module, state, meta, path, input_names) -> None:
         hint = " ".join(f"--{k} {','.join(map(str, theirs[k])) if isinstance(theirs[k], list) else theirs[k]}"
                         for k in ("hidden", "activation") if k in differ and k in theirs)
         raise NnfitError(
-            f"--init-from {path} has a different architecture (they differ in {', '.join(differ)}): "
+            f"{S('init_from', path)} has a different architecture (they differ in {', '.join(differ)}): "
             f"{path}: {_describe(theirs, meta.get('input_names'))}; this run: {_describe(ours, input_names)}. "
             + (f"Pass {hint} to build the same network" if hint
                else "Fine-tune on data with the same inputs and targets"))
     if list(meta.get("input_names", input_names)) != list(input_names):
-        warnings.warn(f"--init-from {path} was trained on inputs ({', '.join(meta['input_names'])}) and this run has "
+        warnings.warn(f"{S('init_from', path)} was trained on inputs ({', '.join(meta['input_names'])}) and this run has "
                       f"({', '.join(input_names)}); the weights are used column by column, in this order",
                       NnfitWarning, stacklevel=3)
     module.load_state_dict(state)
@@ -463,15 +609,13 @@ def _before(module, meta, config: Config, problem: Problem, val_idx) -> dict:
     if len(val_idx):
         out["validation_before"] = before.evaluate(X=problem.X[val_idx], y=problem.Y[val_idx])
     if problem.formula is not None:
-        X, Y = formula_values(problem.formula, sample_domain(config.domain, config.test_samples,
-                                                             config.seed + TEST_SEED_OFFSET),
-                              config.nonfinite, "test points")
+        X, Y = test_points(config, problem.formula)
         out["test_before"] = before.evaluate(X=X, y=Y)
     return out
 
 
 def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: bool | None = None,
-           verbose: bool | None = None) -> FittedModel:
+           verbose: bool | None = None, stop_signals: bool = False) -> FittedModel:
     """Continue a run that was stopped (killed, interrupted, out of disk space) from its training state.
 
     The samples are drawn again from the formula with the run's seed, or the table is read again;
@@ -484,20 +628,22 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
             from the path in config.json; pass its path here if it moved or the run started elsewhere.
         model: a fresh instance (or the class) of the custom module the run was trained with, if any.
         quiet, verbose: override the run's own progress settings.
+        stop_signals: as for ``fit``.
 
     Returns:
         The FittedModel, as ``fit`` returns it; the run folder is complete and its state removed.
     """
     run = Path(run)
+    runfolder.check_free(run)  # a run that is still training is not resumed a second time
     state = trainstate.load(run)  # every problem with the state is reported before any work
-    config = Config.from_dict(checkpoint.read_json(run / "config.json", "run config"))
+    config = Config.from_dict(state.info["config"])  # checked by the reader
     if not config.out or Path(config.out).resolve() != run.resolve():
         config = config.replace(out=str(run))  # the folder was moved, or is named from elsewhere
     if isinstance(data, (str, Path)):
         config, data = config.replace(data=str(data)), None
     elif data is None and config.data is not None and not Path(config.data).exists():
         raise NnfitError(f"the run's table {config.data} is not found from {Path.cwd()}; run nnfit resume from the "
-                         "folder the run was started in, or pass the table's path: nnfit resume RUN --data PATH")
+                         f"folder the run was started in, or pass the table's path: {S('data', 'PATH')}")
     if data is None and state.info.get("source") == "dataframe":
         raise NnfitError(f"the run in {run} was trained on a DataFrame passed to fit(); pass the same one: "
                          "nnfit.resume(run, data=df)")
@@ -507,7 +653,8 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     shown = {k: v for k, v in (("quiet", quiet), ("verbose", verbose)) if v is not None}
     if shown:
         config = config.replace(quiet=bool(quiet), verbose=bool(verbose))
-    return fit(data=data, model=model, config=config.replace(resume=True), reporter=reporter)
+    return fit(data=data, model=model, config=config.replace(resume=True), reporter=reporter,
+               stop_signals=stop_signals)
 
 
 def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> FittedModel:
@@ -525,30 +672,10 @@ def load(path, model: torch.nn.Module | None = None, device: str = "cpu") -> Fit
         float rounding (the last digit or two): the two devices' kernels sum in different orders.
         Pass ``device=str(fitted.device)`` for the very same numbers.
     """
-    state, meta = checkpoint.load_weights(path)
-    arch = meta["architecture"]
-    if arch.get("type") == "mlp":
-        module = rebuild(arch)
-    elif model is None:
-        raise NnfitError(f"{path} was trained with a custom module ({arch.get('class')}); "
-                         "pass a fresh instance: nnfit.load(path, model=YourModule(...))")
-    else:
-        module = model
-    dtype = getattr(torch, meta.get("dtype", "float32"))
-    module = module.to(dtype=dtype)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise NnfitError(f"the weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from None
-    named = dict(module.named_parameters())
-    for name in meta.get("frozen", []):  # the run's freeze state: inspect and further training see it
-        if name in named:
-            named[name].requires_grad_(False)
-    config = Config.from_dict(checkpoint.read_json(Path(path) / "config.json", "run config"))
+    run = runfolder.read_run(path)
+    module = runfolder.build_module(run.weights, run.meta, model, str(path))
     module = module.to(devices.parse_device(device))
-    summary_path = Path(path) / "summary.json"
-    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
-    fitted = FittedModel(module, Scaling.from_dict(meta["scaling"]), meta["input_names"], meta["target_names"],
-                         config, summary=summary)
+    fitted = FittedModel(module, Scaling.from_dict(run.meta["scaling"]), run.meta["input_names"],
+                         run.meta["target_names"], run.config, summary=run.summary)
     fitted.path = Path(path)
     return fitted

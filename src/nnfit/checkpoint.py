@@ -1,6 +1,5 @@
-"""Saved models: safetensors for tensors, JSON for everything else, every write atomic.
-
-Nothing here ever unpickles: a run folder from a stranger can be loaded safely.
+"""Saved models: safetensors for tensors, JSON for everything else, every write atomic and only over
+regular files. Reading a run folder is ``runfolder``'s job (one reader, one schema); nothing ever unpickles.
 """
 
 from __future__ import annotations
@@ -9,14 +8,12 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from nnfit.errors import NnfitError
-
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-META = "model.json"
+from nnfit.runfolder import FORMAT_VERSION, META, STATE, STATE_TENSORS, STATE_VERSION, WEIGHTS  # noqa: F401
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -28,6 +25,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     from nnfit import devices
 
     path = Path(path)
+    _check_regular(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +53,23 @@ def atomic_write_bytes(path, data: bytes) -> None:
             raise NnfitError(f"could not write {path}: {_reason(exc)}; the previous file, if any, "
                              "is unchanged") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def _check_regular(path: Path) -> None:
+    """Only a regular file may be replaced: the rename would swap a device (/dev/null), a FIFO or a folder
+    for a plain file."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise NnfitError(f"could not write {path}: {_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        from nnfit.runfolder import _kind
+
+        raise NnfitError(f"{path} is {_kind(mode)}, not a regular file; nnfit writes only regular files (it "
+                         "would replace it): choose a file path")
 
 
 _UMASK = os.umask(0o022)
@@ -69,7 +83,7 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some platforms cannot open a folder; the rename is still atomic
@@ -84,19 +98,6 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path, what: str = "file") -> dict:
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise NnfitError(f"{what} {path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NnfitError(f"{what} {path} is not valid JSON ({exc}); the run folder is damaged") from None
-    except OSError as exc:
-        raise NnfitError(f"could not read {path}: {exc.strerror or exc}") from None
 
 
 def sha256(data: bytes) -> str:
@@ -115,46 +116,7 @@ def save_weights(folder, state: dict, meta: dict) -> None:
                                "weights": {"file": WEIGHTS, "sha256": sha256(blob)}})
 
 
-def load_weights(folder) -> tuple[dict, dict]:
-    """Read and verify a run folder's weights; returns (state_dict on the CPU, metadata)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise NnfitError(f"run folder {folder} does not exist; pass the --out folder of a training run")
-    if not folder.is_dir():
-        raise NnfitError(f"{folder} is not a run folder; pass the folder that holds {META} and {WEIGHTS}")
-    meta = read_json(folder / META, "model metadata")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise NnfitError(f"{folder / META} has format version {version}, but this nnfit "
-                         f"reads version {FORMAT_VERSION} (saved by nnfit {meta.get('nnfit_version', '?')})")
-    entry = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
-    state = _read_verified(folder / WEIGHTS, entry.get("sha256"), folder / META,
-                           "the run folder is incomplete", "retrain or restore the run folder")
-    return state, meta
-
-
-def _read_verified(path: Path, expected_sha256, named_in: Path, missing: str, remedy: str) -> dict:
-    """Read a safetensors file whose SHA-256 is recorded in ``named_in``; every failure is an NnfitError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        raise NnfitError(f"{path} (named in {named_in}) is missing or unreadable; {missing}") from None
-    if expected_sha256 != sha256(blob):
-        raise NnfitError(f"{path} does not match the checksum in {named_in}: the file is truncated, corrupted "
-                         f"or was replaced; {remedy}")
-    try:
-        return load(blob)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise NnfitError(f"{path} could not be read as safetensors: {exc}") from None
-
-
 # Training state: what `nnfit resume RUN` continues from.
-
-STATE = "state.json"
-STATE_VERSION = 1
 
 
 def write_state(folder, tensors: dict, info: dict, number: int) -> None:
@@ -173,49 +135,13 @@ def write_state(folder, tensors: dict, info: dict, number: int) -> None:
     atomic_write_bytes(folder / name, blob)
     write_json(folder / STATE, {"format_version": STATE_VERSION, "tensors": {"file": name, "sha256": sha256(blob)},
                                 **info})
-    for old in [*folder.glob("state-*.safetensors"), *folder.glob(".state*.tmp")]:
+    for old in [*folder.glob(STATE_TENSORS), *folder.glob(".state*.tmp")]:
         if old.name != name:  # older states, and the temporary files of a save that was killed
             old.unlink(missing_ok=True)
 
 
 def has_state(folder) -> bool:
-    return (Path(folder) / STATE).exists()
-
-
-def remove_state(folder) -> None:
-    """Delete the training state once the run folder holds the finished model."""
-    folder = Path(folder)
-    (folder / STATE).unlink(missing_ok=True)
-    for old in [*folder.glob("state-*.safetensors"), *folder.glob(".state*.tmp")]:
-        old.unlink(missing_ok=True)
-
-
-def read_state(folder) -> tuple[dict, dict]:
-    """Read and verify a training state; returns (tensors on the CPU, the rest)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NnfitError(f"run folder {folder} does not exist" if not folder.exists() else
-                         f"{folder} is not a run folder; pass the --out folder of a training run")
-    path = folder / STATE
-    if not path.exists():
-        if (folder / WEIGHTS).exists():
-            raise NnfitError(f"{folder} has no training state to resume ({STATE}): the run finished and "
-                             f"{WEIGHTS} is its result; start a new run with nnfit train to train more")
-        raise NnfitError(f"{folder} has no training state ({STATE}): the run was stopped before its first "
-                         "checkpoint, or this is not a run folder; start it again with nnfit train")
-    info = read_json(path, "training state")
-    if not isinstance(info, dict):
-        info = {}
-    version = info.get("format_version")
-    if version != STATE_VERSION:
-        raise NnfitError(f"{path} has format version {version}, but this nnfit reads training states of "
-                         f"version {STATE_VERSION} (saved by nnfit {info.get('nnfit_version', '?')}); "
-                         "resume it with that nnfit, or start again")
-    entry = info.get("tensors") if isinstance(info.get("tensors"), dict) else {}
-    tensors_path = folder / Path(str(entry.get("file", ""))).name
-    tensors = _read_verified(tensors_path, entry.get("sha256"), path, "the training state is damaged: start the "
-                             "run again", "the training state cannot be used: start the run again")
-    return tensors, info
+    return os.path.lexists(Path(folder) / STATE)
 
 
 def pack(obj, prefix: str, tensors: dict):

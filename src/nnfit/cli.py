@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nnfit.config import FIELDS, Config, parse_cli_value
 from nnfit.errors import NnfitError, NnfitWarning, TrainingInterrupted
+from nnfit.progress import Reporter, metrics_table
 
 GROUPS = {"data": "what to learn", "model": "the network", "freeze": "freezing and fine-tuning",
           "training": "training", "device": "device", "output": "output"}
@@ -20,9 +21,28 @@ REPEATABLE = {"domain": "NAME=LOW:HIGH", "patterns": "PATTERN", "unfreeze": "EPO
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other user mistake
-        raise NnfitError(f"{message} (see {self.prog} --help)")
+        hint, prog = self._did_you_mean(message)
+        raise NnfitError(f"{message}{hint} (see {prog} --help)")
+
+    def _did_you_mean(self, message: str) -> tuple[str, str]:
+        """The closest option (or command) to a mistyped one, --formla -> --formula; and the help to see."""
+        import difflib
+
+        commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+        parser = next((commands[a] for a in getattr(self, "_seen", []) if a in commands), self)
+        if message.startswith("unrecognized arguments: "):
+            wrong = [t.split("=")[0] for t in message.removeprefix("unrecognized arguments: ").split()
+                     if t.startswith("--")]
+            known = {o.lstrip("-"): o for o in parser._option_string_actions if o.startswith("--")}
+        elif "invalid choice: " in message and commands and parser is self:
+            wrong, known = [message.split("invalid choice: ")[1].split("'")[1]], {c: c for c in commands}
+        else:
+            return "", parser.prog
+        close = [known[m[0]] for w in wrong if (m := difflib.get_close_matches(w.lstrip("-"), known, n=1, cutoff=0.7))]
+        return (f"; did you mean {', '.join(close)}?" if close else ""), parser.prog
 
     def parse_known_args(self, args=None, namespace=None):
+        self._seen = list(sys.argv[1:] if args is None else args)  # for the did-you-mean of error()
         namespace, extras = super().parse_known_args(args, namespace)
         # Python 3.11's argparse reads "--opt=--" as an empty list (and skips the option's type):
         # the user gave the text "--", which each option then judges like any other value.
@@ -44,6 +64,21 @@ class _Parser(argparse.ArgumentParser):
             self.error(f"argument {'/'.join(action.option_strings)}: invalid {action.type.__name__} value: {text!r}")
 
 
+class _HelpAll(argparse.Action):
+    """``nnfit train --help-all``: the help with every option, the advanced ones included."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        command = parser.prog.split()[-1]
+        build_parser(show_all=True).parse_args([command, "--help"])
+
+
+def _flag(name: str) -> str:
+    return FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
 # nnfit sweep: these options take lists; the configurations are every combination.
 SWEEP_LISTS = {"lr": ("LR,LR...", "learning rates to try, comma-separated, such as 1e-3,3e-3,1e-2"),
                "hidden": ("W,W:W,W...", "networks to try: hidden widths comma-separated, networks separated by "
@@ -54,37 +89,87 @@ SWEEP_LISTS = {"lr": ("LR,LR...", "learning rates to try, comma-separated, such 
                                "left")}
 
 
-def _add_config_options(parser: argparse.ArgumentParser, lists=None) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, show_all: bool, lists=None) -> None:
+    """train, demo and sweep: every Config field, grouped; the advanced ones only in --help-all.
+    ``lists``: fields that take a list of values to try (nnfit sweep), with their metavar and help."""
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    hidden = 0
     for f in dataclasses.fields(Config):
         meta = f.metadata
         if not meta.get("cli", True):
             continue
         if lists and f.name in lists:
             metavar, help = lists[f.name]
-            groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=metavar,
+            groups[meta["group"]].add_argument(_flag(f.name), dest=f.name, metavar=metavar,
                                                default=argparse.SUPPRESS, help=help)
             continue
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        group = groups[meta["group"]]
-        default = "" if f.default is None or meta["kind"] == "bool" else f" (default: {_show(f.default)})"
-        if meta["kind"] == "bool":
-            action = "store_false" if flag.startswith("--no-") else "store_true"
-            group.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=meta["help"])
-        elif meta["kind"] in REPEATABLE:
-            group.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS,
-                               metavar=REPEATABLE[meta["kind"]], help=meta["help"])
-        else:
-            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                               help=meta["help"] + default)
+        shown = show_all or meta.get("level", "common") != "advanced"
+        hidden += not shown
+        help = meta["help"] + _default(f) if shown else argparse.SUPPRESS
+        _add_field(groups[meta["group"]], f, help, argparse.SUPPRESS)
+    parser.epilog = None if show_all else f"{hidden} more options for tuning, devices and output: {parser.prog} --help-all"
+    parser.add_argument("--help-all", action=_HelpAll, help="show every option, with the advanced ones")
+
+
+def _add_field(parser, f, help: str, default) -> None:
+    """One Config field as an option, its parsing and choices read from the field's metadata."""
+    meta, flag = f.metadata, _flag(f.name)
+    if meta["kind"] == "bool":
+        action = "store_false" if flag.startswith("--no-") else "store_true"
+        parser.add_argument(flag, dest=f.name, action=action, default=default, help=help)
+    elif meta["kind"] in REPEATABLE:
+        parser.add_argument(flag, dest=f.name, action="append", default=default, metavar=REPEATABLE[meta["kind"]],
+                            help=help)
+    else:
+        metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
+        parser.add_argument(flag, dest=f.name, default=default, metavar=metavar, help=help)
+
+
+def _default(f) -> str:
+    if f.default in (None, ()) or f.metadata["kind"] == "bool":
+        return ""
+    return f" (default: {_show(f.default)})"
 
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The other subcommands: help, description, and options of their own; their Config options are the
+# fields whose metadata names the subcommand (config.py), with the help given there.
+SUBCOMMANDS = {
+    "resume": ("continue a stopped run from its training state",
+               "Continue a run that was killed, interrupted (Ctrl-C, SIGTERM) or ran out of disk space, from the "
+               "training state in its folder. The samples are drawn or read again; with a fixed seed on the CPU "
+               "the result is bit-identical to an uninterrupted run.", ()),
+    "predict": ("predict with a trained model", "Predict with a trained model.",
+                (("--input", {"action": "append", "metavar": "NAME=VALUE[,VALUE...]",
+                              "help": "input values on the command line: repeat --input per input column, "
+                                      "e.g. --input a=0.1 --input b=0.2; several values per column, "
+                                      "comma-separated, give several rows"}),
+                 ("--std", {"action": "store_true",
+                            "help": "require the spread: an ensemble (--ensemble K) always adds <target>_std, the "
+                                    "members' standard deviation; with a single network this is an error"}))),
+    "evaluate": ("metrics of a trained model on a table, or on fresh formula points",
+                 "Metrics of a trained model, in original units.",
+                 (("--json", {"action": "store_true", "help": "print the metrics as JSON"}),)),
+    "inspect": ("what trains and what is frozen: one row per parameter",
+                "One row per parameter: shape, elements, trainable or frozen, the gradient norm at the last step "
+                "and how far it moved from its starting value; then the totals.",
+                (("--json", {"action": "store_true", "help": "print the rows and totals as JSON"}),)),
+    "export": ("write the model as ONNX or TorchScript, scaling included",
+               "Write a deployable model: it takes inputs and returns outputs in original units (the scaling is "
+               "baked in), with any batch size.",
+               (("--format", {"required": True, "choices": ("onnx", "torchscript"),
+                              "help": "onnx (needs pip install 'nnfit[export]') or torchscript"}),)),
+}
+
+
+def _command_fields(command: str) -> list:
+    return [f for f in dataclasses.fields(Config) if command in f.metadata.get("commands", {})]
+
+
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(prog="nnfit", description="Teach a fully connected network a function from a formula "
                      "or a table, then evaluate, explain and predict with it.",
                      epilog="Run 'nnfit demo' for the tutorial's exercise, y = x**2 + x on [0, 1].")
@@ -96,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("demo", "the tutorial's exercise: learn y = x**2 + x on [0, 1] from 1000 samples")):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        _add_config_options(p)
+        _add_config_options(p, show_all)
 
     help = "train every combination of learning rates, networks and activations; keep the best"
     p = sub.add_parser("sweep", help=help, description=help + " by validation loss, as an ordinary run folder "
@@ -111,57 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exhaustive", action="store_true", help="train every configuration with the full budget "
                    "(no successive halving)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    _add_config_options(p, SWEEP_LISTS)
+    _add_config_options(p, show_all, SWEEP_LISTS)
 
-    p = sub.add_parser("resume", help="continue a stopped run from its training state",
-                       description="Continue a run that was killed, interrupted (Ctrl-C, SIGTERM) or ran out of "
-                       "disk space, from the training state in its folder. The samples are drawn or read again; "
-                       "with a fixed seed on the CPU the result is bit-identical to an uninterrupted run.")
-    p.add_argument("run", metavar="RUN", help="run folder")
-    p.add_argument("--data", help="the run's table, if it moved or the run was started from another folder")
-    p.add_argument("--quiet", action="store_true", default=None, help="print only errors and the result")
-    p.add_argument("--verbose", action="store_true", default=None, help="print every epoch")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    p = sub.add_parser("predict", help="predict with a trained model", description="Predict with a trained model.")
-    p.add_argument("run", metavar="RUN", help="run folder")
-    p.add_argument("--data", help="table of inputs (.csv, .tsv, .parquet, .npy, .npz)")
-    p.add_argument("--input", action="append", metavar="NAME=VALUE[,VALUE...]",
-                   help="input values on the command line (repeat per input)")
-    p.add_argument("--out", help="write predictions to this file (.csv or .parquet) instead of printing them")
-    p.add_argument("--std", action="store_true", help="require the spread: an ensemble (--ensemble K) always adds "
-                   "<target>_std, the members' standard deviation; with a single network this is an error")
-    p.add_argument("--device", default="cpu", help="device to predict on (default: cpu)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    p = sub.add_parser("evaluate", help="metrics of a trained model on a table, or on fresh formula points",
-                       description="Metrics of a trained model, in original units.")
-    p.add_argument("run", metavar="RUN", help="run folder")
-    p.add_argument("--data", help="table with the input and target columns (default for a formula run: "
-                   "fresh points drawn from the domain)")
-    p.add_argument("--target", help="target column(s) in --data (default: those the model was trained on)")
-    p.add_argument("--samples", type=int, help="fresh points for a formula run (default: the run's test_samples)")
-    p.add_argument("--seed", type=int, help="seed of the fresh points")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--device", default="cpu", help="device to evaluate on (default: cpu)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    p = sub.add_parser("inspect", help="what trains and what is frozen: one row per parameter",
-                       description="One row per parameter: shape, elements, trainable or frozen, the gradient "
-                       "norm at the last step and how far it moved from its starting value; then the totals.")
-    p.add_argument("run", metavar="RUN", help="run folder")
-    p.add_argument("--json", action="store_true", help="print the rows and totals as JSON")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    p = sub.add_parser("export", help="write the model as ONNX or TorchScript, scaling included",
-                       description="Write a deployable model: it takes inputs and returns outputs in original "
-                       "units (the scaling is baked in), with any batch size.")
-    p.add_argument("run", metavar="RUN", help="run folder")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
-                   help="onnx (needs pip install 'nnfit[export]') or torchscript")
-    p.add_argument("--out", help="file to write (default: RUN/model.onnx or RUN/model.pt)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    for name, (help, description, own) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("run", metavar="RUN", help="run folder")
+        for f in _command_fields(name):
+            _add_field(p, f, f.metadata["commands"][name], None)
+        for flag, kwargs in own:
+            p.add_argument(flag, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
+
+
+def command_settings(args: argparse.Namespace) -> None:
+    """A subcommand's Config options, parsed in place as train parses them; every bad one reported together."""
+    problems: list[str] = []
+    for f in _command_fields(args.command):
+        value = getattr(args, f.name)
+        if isinstance(value, (str, list)):
+            setattr(args, f.name, parse_cli_value(f.name, value, problems))
+    if problems:
+        raise NnfitError("invalid settings: " + "; ".join(problems))
 
 
 def _version() -> str:
@@ -177,39 +233,44 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in FIELDS:
         if hasattr(args, name):
             values[name] = parse_cli_value(name, getattr(args, name), problems)
-    if not values.get("out"):
-        values["out"] = _default_out()
+    defaulted = not values.get("out")
+    if defaulted:
+        values["out"] = "runs/<timestamp>"  # created below, once the settings are valid
     try:
         config = Config.from_dict(values)
     except NnfitError as exc:
-        problems += str(exc).removeprefix("invalid settings: ").split("; ")
+        problems += exc.args[0].removeprefix("invalid settings: ").split("; ")
         config = None
     if problems:
         raise NnfitError("invalid settings: " + "; ".join(problems))
-    return config
+    return config.replace(out=_default_out()) if defaulted else config
 
 
 def _default_out() -> str:
+    """runs/<timestamp>, created here: two runs started in the same second get two folders (-2, -3, ...)."""
     base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return str(out)
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return str(out)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise NnfitError(f"could not create the run folder {out}: {exc.strerror or exc}; pass --out DIR") from None
+    raise NnfitError(f"{base}-2 ... {base}-999 all exist; pass --out DIR")
 
 
 def cmd_train(args) -> int:
     import nnfit
 
     config = config_from_args(args)
-    with _stop_on_signals(config.devices):
-        model = nnfit.fit(config=config)
-    return _report(model, config, args.command)
+    nnfit.fit(config=config, reporter=_reporter(config.quiet, config.verbose), stop_signals=True)
+    return 0
 
 
 def cmd_sweep(args) -> int:
     import nnfit
-    from nnfit.report import metrics_table
 
     swept = {name: vars(args).pop(name) for name in ("lr", "hidden", "activation") if hasattr(args, name)}
     config = config_from_args(args)
@@ -221,108 +282,42 @@ def cmd_sweep(args) -> int:
     print(f"\nwinner #{s['sweep']['selected']}: {s['recipe']}, hidden {','.join(map(str, result.best.config.hidden))}, "
           f"{result.best.config.activation}")
     print(metrics_table({"validation": s.get("validation"), "test": s.get("test")}))
-    written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
-    print(f"run folder: {config.out} ({', '.join(written)}); it is an ordinary run: nnfit predict, evaluate, "
-          "inspect, export and resume take it")
+    print(f"run folder: {config.out} ({', '.join(_run_files(config.out))}); it is an ordinary run: nnfit predict, "
+          "evaluate, inspect, export and resume take it")
     return 0
+
+
+def _run_files(folder) -> list[str]:
+    from nnfit.runfolder import is_run_file
+
+    return sorted(p.name for p in Path(folder).iterdir() if is_run_file(p.name) and not p.name.startswith("."))
 
 
 def cmd_resume(args) -> int:
     import nnfit
-    from nnfit.checkpoint import read_json
 
-    try:
-        workers = int(read_json(Path(args.run) / "config.json").get("devices", 1))
-    except (NnfitError, AttributeError, TypeError, ValueError):
-        workers = 1  # nnfit.resume reports what is wrong with the run folder
-    with _stop_on_signals(workers):
-        model = nnfit.resume(args.run, data=args.data, quiet=args.quiet, verbose=args.verbose)
-    return _report(model, model.config, args.command)
-
-
-def _stop_on_signals(workers: int):
-    """SIGINT and SIGTERM save the training state and stop (exit 130 or 143); a second one stops at once.
-    Under DDP the ranks agree to stop at an epoch end. With ``--devices N`` this process only starts the
-    workers, and ``launch.run_workers`` forwards the signal to them."""
-    from contextlib import nullcontext
-
-    from nnfit import devices, trainstate
-
-    if workers > 1 and not devices.launched():
-        return nullcontext()
-    return trainstate.handling_signals(trainstate.ECHO_SECONDS if devices.launched() else 0.0)
-
-
-def _report(model, config, command: str) -> int:
-    from nnfit.devices import describe_peak
-    from nnfit.report import metrics_table
-
-    if model.path is None:  # a torchrun worker other than rank 0: rank 0 reports and writes the run folder
-        return 0
-    s = model.summary
-    epochs = f"{s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}"
-    print(f"\n{s['source']}: {epochs} in {s['train_seconds']:.2f} s; stopped: {s['stopped']}")
-    before = s.get("init_from", {})
-    print(metrics_table({"validation": s.get("validation"), "test before": before.get("test_before"),
-                         "test": s.get("test")}))
-    if "test" in s:
-        print(f"test: {s['test_samples']} fresh points from the domain, compared with the true formula")
-    if before:
-        print(f"started from {before['run']} (scaling {before['scaling']}); 'test before' is that model "
-              "on the same test points")
-    if "frozen" in s:
-        print(f"frozen: {s['frozen']}")
-    if s.get("oom_retries"):
-        print(f"out of memory {len(s['oom_retries'])} time(s): the last forward passes took {s['final_batch_size']} "
-              "rows at a time (the optimizer's batch was unchanged)")
-    if s.get("rollbacks"):
-        print(f"the loss became non-finite {len(s['rollbacks'])} time(s): each time the run rolled back to its last "
-              f"good state and halved the learning rate (last: {s['rollbacks'][-1]['lr']:.3g})")
-    if "peak_memory" in s:
-        print(f"peak memory: {describe_peak(s['peak_memory'])}")
-    written = sorted(p.name for p in Path(config.out).iterdir() if not p.name.startswith("."))
-    print(f"run folder: {config.out} ({', '.join(written)})")
-    tutorial = config.formula == "x**2 + x" and config.domain == (("x", 0.0, 1.0),) and config.data is None
-    if command in ("demo", "train") and tutorial and config.activation != "none" and not config.quiet \
-            and not config.init_from:
-        print("the tutorial's own network (no activations, SGD lr 0.01, 10 epochs) stays near test MSE 6e-3: "
-              "without activations it is linear. Try: nnfit train --activation none")
+    nnfit.resume(args.run, data=args.data, quiet=args.quiet, verbose=args.verbose, stop_signals=True,
+                 reporter=_reporter(args.quiet, args.verbose))
     return 0
 
 
-def cmd_predict(args) -> int:
-    import numpy as np
+def _reporter(quiet, verbose) -> Reporter:
+    """Progress on stderr; the result on stdout, with --quiet too."""
+    return Reporter(quiet=bool(quiet), verbose=bool(verbose), results=True, result_stream=sys.stdout)
 
+
+def cmd_predict(args) -> int:
     import nnfit
 
-    model = nnfit.load(args.run, device=args.device)
+    model = nnfit.load(args.run, device=args.device or "cpu")
     if bool(args.data) == bool(args.input):
         raise NnfitError("both --data and --input were given; give the inputs one way" if args.data else
                          f"no inputs given; pass --data FILE or --input NAME=VALUE (inputs: {', '.join(model.input_names)})")
-    if args.data:
-        from nnfit.tables import read_inputs
-
-        frame = read_inputs(args.data, model.input_names, allowed_extra=model.target_names)
-    else:
-        frame = _parse_inputs(args.input, model.input_names)
     if args.std and model.members == 1:
         raise NnfitError(f"--std asks for the spread of an ensemble's members, but {args.run} is a single network, "
                          "so there is no spread to give; train with --ensemble K (K >= 2) for a standard deviation")
-    X = frame[list(model.input_names)]
-    pred, std = model.predict(X, return_std=True) if model.members > 1 else (model.predict(X), None)
-    pred = np.asarray(pred).reshape(len(frame), -1)
-    out = frame.copy()
-    for i, name in enumerate(model.target_names):
-        out[f"{name}_pred"] = pred[:, i]
-        if std is not None:
-            out[f"{name}_std"] = np.asarray(std).reshape(len(frame), -1)[:, i]
+    out = model.predict_frame(args.data or _parse_inputs(args.input, model.input_names), out=args.out)
     if args.out:
-        from nnfit.checkpoint import atomic_write_bytes
-
-        if args.out.endswith((".parquet", ".pq")):
-            atomic_write_bytes(args.out, out.to_parquet(index=False))
-        else:
-            atomic_write_bytes(args.out, out.to_csv(index=False).encode())
         print(f"wrote {len(out)} prediction(s) to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(out.to_csv(index=False, float_format="%.9g"))
@@ -340,6 +335,10 @@ def _parse_inputs(items, names):
             raise NnfitError(f"--input {item!r} must look like NAME=VALUE, e.g. {names[0]}=0.5")
         if name not in names:
             raise NnfitError(f"--input {name!r} is not an input of this model; its inputs are {', '.join(names)}")
+        if "=" in text:  # --input a=0.1,b=0.2: several columns in one --input
+            each = " ".join(f"--input {part.strip()}" for part in item.split(","))
+            raise NnfitError(f"--input {item!r} gives several columns in one --input; repeat --input per column: "
+                             f"{each}")
         try:
             values[name] = [float(v) for v in text.split(",")]
         except ValueError:
@@ -355,9 +354,8 @@ def _parse_inputs(items, names):
 
 def cmd_evaluate(args) -> int:
     import nnfit
-    from nnfit.report import metrics_table
 
-    model = nnfit.load(args.run, device=args.device)
+    model = nnfit.load(args.run, device=args.device or "cpu")
     ensemble = model.members > 1
     metrics = model.evaluate(data=args.data, target=args.target, samples=args.samples, seed=args.seed,
                              members=ensemble)
@@ -383,19 +381,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from nnfit.freeze import inspect
+    import nnfit
 
-    inspection = inspect(args.run)
+    inspection = nnfit.inspect(args.run)
     print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection.table())
     return 0
 
 
 def cmd_export(args) -> int:
     import nnfit
-    from nnfit.export import export
 
     model = nnfit.load(args.run)
-    path = export(model, args.format, args.out)
+    path = model.export(args.format, args.out)
     print(f"wrote {path}: input x of shape (batch, {len(model.input_names)}), columns "
           f"{', '.join(model.input_names)}; output y of shape (batch, {len(model.target_names)}), "
           f"{', '.join(model.target_names)}; original units")
@@ -408,7 +405,7 @@ COMMANDS = {"train": cmd_train, "demo": cmd_train, "sweep": cmd_sweep, "resume":
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     if issubclass(category, NnfitWarning):
-        print(f"nnfit: warning: {message}", file=sys.stderr)
+        print(f"nnfit: warning: {getattr(message, 'cli_message', message.__str__)()}", file=sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -440,6 +437,8 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        if args.command in SUBCOMMANDS:
+            command_settings(args)
         from nnfit import trainstate
 
         # SIGINT and SIGTERM stop every command with one line and exit 130 or 143: at once, or when
@@ -449,7 +448,7 @@ def main(argv=None) -> int:
     except NnfitError as exc:
         if debug:
             raise
-        print("nnfit: error: " + " ".join(str(exc).split()), file=sys.stderr)
+        print("nnfit: error: " + " ".join(exc.cli_message().split()), file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
         print(f"nnfit: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nnfit.errors import NnfitError, NnfitWarning
+from nnfit.errors import setting as S
 from nnfit.formula import Formula, parse_formula
 
 TUTORIAL_FORMULA = "x**2 + x"
@@ -62,9 +63,9 @@ def formula_values(formula: Formula, X: torch.Tensor, nonfinite: str, what: str)
         if nonfinite == "error" or bad == len(Y):
             raise NnfitError(
                 f"formula {formula.text!r} is NaN or infinite at {bad} of {len(Y)} {what} (e.g. at {where}); "
-                "narrow the domain" + (" or pass --nonfinite drop" if bad < len(Y) else ""))
+                "narrow the domain" + (f" or pass {S('nonfinite', 'drop')}" if bad < len(Y) else ""))
         warnings.warn(f"formula {formula.text!r} is NaN or infinite at {bad} of {len(Y)} {what} "
-                      f"(e.g. at {where}); they were dropped (--nonfinite error refuses them)", NnfitWarning)
+                      f"(e.g. at {where}); they were dropped ({S('nonfinite', 'error')} refuses them)", NnfitWarning)
         X, Y = X[finite], Y[finite]
     return X, Y
 
@@ -79,7 +80,7 @@ def build_problem(config, data=None) -> Problem:
         Y = torch.from_numpy(np.ascontiguousarray(table.Y, dtype=np.float64))
         return Problem(X, Y, tuple(table.input_names), tuple(table.target_names), table.source)
     if config.formula is None and config.domain:
-        raise NnfitError("--domain was given without --formula")
+        raise NnfitError(f"{S('domain')} was given without {S('formula')}")
     formula_text = config.formula or TUTORIAL_FORMULA
     domain = config.domain or TUTORIAL_DOMAIN
     if config.formula is None:
@@ -96,7 +97,7 @@ def build_problem(config, data=None) -> Problem:
                       "the fit is trivial", NnfitWarning)
     targets = tuple(config.target) or ("y",)
     if len(targets) != 1:
-        raise NnfitError(f"a formula has one target, but --target names {len(targets)}: {', '.join(targets)}")
+        raise NnfitError(f"a formula has one target, but {S('target')} names {len(targets)}: {', '.join(targets)}")
     return Problem(X, Y, formula.variables, targets, f"formula {formula.text!r}", formula, tuple(domain))
 
 
@@ -145,7 +146,7 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, to
         n_val = 1
     if n - n_val < 1:
         raise NnfitError(f"{n} sample(s) leave none for training after a {val_split:.0%} validation split; "
-                         "give more data or a smaller --val-split")
+                         f"give more data or a smaller {S('val_split')}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     return perm[n_val:], perm[:n_val]
 

@@ -13,12 +13,14 @@ import re
 import resource
 import socket
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
 
 from nnfit.errors import NnfitError
+from nnfit.errors import setting as S
 
 # cuBLAS gives bit-for-bit the same results run after run only with a fixed workspace configuration
 # (NVIDIA's cuBLAS guide, "Results reproducibility"), and torch.use_deterministic_algorithms refuses
@@ -64,7 +66,7 @@ def parse_device(spec: str) -> torch.device:
         index = int(match.group(1) or 0)
         if count == 0:
             raise NnfitError(f"device {spec!r} was asked for, but this machine has no CUDA GPU; "
-                             f"devices here: {', '.join(available())}. Use --device cpu or auto")
+                             f"devices here: {', '.join(available())}. Use {S('device', 'cpu')} or auto")
         if index >= count:
             raise NnfitError(f"device {spec!r} does not exist: this machine has {count} CUDA GPU(s); "
                              f"devices here: {', '.join(available())}")
@@ -89,18 +91,18 @@ def parse_devices(spec: str, n: int) -> list[torch.device]:
     if n == 1:
         return [base]
     if base.type == "mps":
-        raise NnfitError(f"--devices {n} needs CUDA GPUs or the CPU: torch.distributed has no backend for mps; "
-                         "use --device cpu for CPU processes or --devices 1")
+        raise NnfitError(f"{S('devices', n)} needs CUDA GPUs or the CPU: torch.distributed has no backend for mps; "
+                         f"use {S('device', 'cpu')} for CPU processes or {S('devices', '1')}")
     if base.type == "cpu":
         return [torch.device("cpu")] * n
     if re.fullmatch(r"cuda:\d+", str(spec).strip().lower()):
-        raise NnfitError(f"--device {spec} names one GPU, but --devices {n} uses {n}; "
-                         "pass --device cuda (workers take cuda:0 … cuda:N-1) or --devices 1")
+        raise NnfitError(f"{S('device', spec)} names one GPU, but {S('devices', n)} uses {n}; "
+                         f"pass {S('device', 'cuda')} (workers take cuda:0 … cuda:N-1) or {S('devices', '1')}")
     count = gpu_count()
     if n > count:
-        raise NnfitError(f"--devices {n} asks for {n} GPUs, but this machine has {count}: "
-                         f"{', '.join(f'cuda:{i}' for i in range(count))}; use --devices {count} or fewer, "
-                         f"or --device cpu for {n} CPU processes")
+        raise NnfitError(f"{S('devices', n)} asks for {n} GPUs, but this machine has {count}: "
+                         f"{', '.join(f'cuda:{i}' for i in range(count))}; use {S('devices', count)} or fewer, "
+                         f"or {S('device', 'cpu')} for {n} CPU processes")
     return [torch.device("cuda", i) for i in range(n)]
 
 
@@ -130,6 +132,11 @@ def launched() -> int:
     if not all(name in os.environ for name in TORCHRUN_VARS):
         return 0
     return _env_int("WORLD_SIZE")
+
+
+def rank() -> int:
+    """This process's rank under torchrun or ``--devices N``; 0 for a single process."""
+    return _env_int("RANK") if launched() else 0
 
 
 FAULTS = ("kill-during-save", "kill-at-step")
@@ -176,15 +183,15 @@ def init_context(config) -> Context:
 
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if config.devices > 1 and config.devices != world:
-        raise NnfitError(f"--devices {config.devices} was given, but torchrun started {world} worker(s); "
-                         f"drop --devices (torchrun already chose the workers) or pass --devices {world}")
+        raise NnfitError(f"{S('devices', config.devices)} was given, but torchrun started {world} worker(s); "
+                         f"drop {S('devices')} (torchrun already chose the workers) or pass {S('devices', world)}")
     spec = str(config.device).strip().lower()
     if re.fullmatch(r"cuda:\d+", spec) and world > 1:
-        raise NnfitError(f"--device {config.device} names one GPU, but under torchrun each worker uses "
-                         "cuda:LOCAL_RANK; pass --device cuda or auto")
+        raise NnfitError(f"{S('device', config.device)} names one GPU, but under torchrun each worker uses "
+                         f"cuda:LOCAL_RANK; pass {S('device', 'cuda')} or auto")
     base = parse_device(config.device if world == 1 or not spec.startswith("cuda") else "cuda")
     if base.type == "mps":
-        raise NnfitError("torch.distributed has no backend for mps; run torchrun with --device cpu")
+        raise NnfitError(f"torch.distributed has no backend for mps; run torchrun with {S('device', 'cpu')}")
     if base.type == "cuda":
         if local_rank >= gpu_count():
             raise NnfitError(f"worker with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but this machine has "
@@ -257,6 +264,78 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# CPU threads.
+
+LOAD_WINDOW = 0.05  # seconds of /proc/stat sampling before a multi-threaded CPU run: 5 clock ticks per core
+# A core counts as free when at least this share of it was idle; a half-busy core still stalls torch's
+# OpenMP barriers (sin(3x)exp(-x), 5000 samples, 2 cores, one busy process: 2 threads 4.3 s, 1 thread 1.6 s).
+FREE_SHARE = 0.8
+
+
+def _cpu_jiffies(cpus) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of the CPUs ``cpus`` from /proc/stat; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        idle = values[3] + values[4]
+        busy += sum(values) - idle
+        total += sum(values)
+    return (busy, total) if total else None
+
+
+def free_cores(window: float = LOAD_WINDOW) -> float | None:
+    """How many of the cores this process may run on were idle over the next ``window`` seconds
+    (other processes' load, measured from /proc/stat); None where that cannot be measured."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+    before = _cpu_jiffies(cpus)
+    time.sleep(window)
+    after = _cpu_jiffies(cpus)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return len(cpus) * (1 - busy / total)
+
+
+def cpu_threads(asked: int | None, small: bool, ctx: Context) -> tuple[int | None, str]:
+    """The CPU threads for a training run, and the line that says why.
+
+    ``--threads N`` wins; a small network gets one thread (more only add synchronization); then
+    ``OMP_NUM_THREADS`` or a DDP worker's share of the cores stay; otherwise one thread per core that
+    is actually free now: threads that wait at a barrier for a core another process holds make the
+    whole run several times slower. Returns (None, "") where torch's setting is left alone.
+    """
+    if asked:
+        return asked, ""
+    if ctx.device.type != "cpu":
+        return None, ""
+    cores = _cpu_count()
+    if small:
+        if cores == 1 or ctx.distributed:  # nothing to choose, or one line per worker
+            return 1, ""
+        return 1, f"threads: 1 of {cores} (a small network: more threads would only add synchronization)"
+    if ctx.distributed or "OMP_NUM_THREADS" in os.environ or cores == 1:
+        return None, ""
+    free = free_cores()
+    if free is None:
+        return None, ""
+    threads = max(1, min(cores, int(free + 1 - FREE_SHARE)))
+    busy = cores - threads
+    why = "the cores are free" if busy == 0 else (
+        f"{'the other core is' if cores == 2 else f'{busy} of the cores are'} busy: about {free:.1f} free")
+    return threads, f"threads: {threads} of {cores} ({why}; --threads N to choose)"
 
 
 def free_port() -> int:
@@ -423,8 +502,8 @@ class MemoryGuard:
         if new < self.min_batch_size:
             raise NnfitError(
                 f"out of memory in {where} on {device} even with a batch of {size} row(s) "
-                f"(the floor is --min-batch-size {self.min_batch_size}); keep the data off the GPU with "
-                "--data-on cpu, use a smaller model (--hidden), or --precision bf16")
+                f"(the floor is {S('min_batch_size', self.min_batch_size)}); keep the data off the GPU with "
+                f"{S('data_on', 'cpu')}, use a smaller model ({S('hidden')}), or {S('precision', 'bf16')}")
         self.retries.append({"where": where, "from": size, "to": new})
         self.log(f"out of memory in {where} with a batch of {size}; retrying with {new} "
                  f"(floor --min-batch-size {self.min_batch_size})")

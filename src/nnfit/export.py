@@ -18,6 +18,7 @@ from torch import nn
 import nnfit
 from nnfit.checkpoint import atomic_write_bytes
 from nnfit.errors import NnfitError
+from nnfit.errors import setting as S
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -60,9 +61,13 @@ def export(fitted, format: str, out=None) -> Path:
     """
     if format not in FORMATS:
         raise NnfitError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if out is None:
+    if out is not None:
+        from nnfit.runfolder import EXPORT_FILES, check_output
+
+        check_output(out, allowed=EXPORT_FILES)
+    else:
         if fitted.path is None:
-            raise NnfitError("this model has no run folder; give the file to write: out=... (CLI: --out FILE)")
+            raise NnfitError(f"this model has no run folder; give the file to write: {S('out', 'FILE')}")
         out = Path(fitted.path) / f"model{SUFFIXES[format]}"
     dtype = next(fitted.module.parameters()).dtype
     ensemble = getattr(fitted, "members", 1) > 1

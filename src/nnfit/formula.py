@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from nnfit.errors import NnfitError
+from nnfit.errors import setting as S
 
 # Names of the functions a formula may call, mapped to the torch function name.
 FUNCTIONS = {
@@ -146,13 +147,16 @@ def _compile(node: ast.AST, variables: set[str], text: str) -> Callable:
         raise NnfitError(
             f"formula {text!r}: variable {name!r} has no domain (variables with a domain: "
             f"{', '.join(sorted(variables)) or 'none'}; constants: pi, e); "
-            f"give it one with --domain {name}=LOW:HIGH"
+            f"give it one with {S('domain', f'{name}=LOW:HIGH', f'{{{name!r}: (LOW, HIGH)}}')}"
         )
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         inner = _compile(node.operand, variables, text)
         if isinstance(node.op, ast.UAdd):
             return inner
         return lambda cols, torch: -inner(cols, torch)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):  # x^2: a power in most other notations
+        raise NnfitError(f"formula {text!r}: '^' is XOR in Python, not a power; write powers with '**': "
+                         f"{text.replace('^', '**')!r}")
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         if isinstance(node.op, ast.Pow):
             exponent = _constant_value(node.right)

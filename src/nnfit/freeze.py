@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nnfit.errors import NnfitError
+from nnfit.errors import setting as S
 
 
 class FrozenTensorChanged(RuntimeError):
@@ -43,7 +44,7 @@ def resolve(names, pattern: str, shown: str | None = None) -> list[str]:
     names = list(names)
     found = [n for n in names if matches(n, pattern)]
     if not found:
-        raise NnfitError(f"{shown or '--freeze ' + repr(pattern)} matches no parameter; the parameters are: {', '.join(names)}. "
+        raise NnfitError(f"{shown or S('freeze', repr(pattern), repr(pattern))} matches no parameter; the parameters are: {', '.join(names)}. "
                          "Give an exact name (l1.weight), a layer (l1) or a glob ('l*.bias')")
     return found
 
@@ -59,7 +60,7 @@ def freeze(model: nn.Module, patterns) -> list[str]:
         named[name].requires_grad_(False)
     frozen = [n for n, p in named.items() if not p.requires_grad]
     if len(frozen) == len(named):
-        raise NnfitError(f"--freeze {' '.join(patterns)} freezes every parameter ({', '.join(frozen)}); "
+        raise NnfitError(f"{S('freeze', ' '.join(patterns))} freezes every parameter ({', '.join(frozen)}); "
                          "there would be nothing to train. Freeze fewer layers")
     return frozen
 
@@ -70,12 +71,12 @@ def unfreeze_schedule(model: nn.Module, unfreeze_at) -> dict[int, list[str]]:
     frozen = [n for n, p in named.items() if not p.requires_grad]
     schedule: dict[int, list[str]] = {}
     for epoch, pattern in sorted(unfreeze_at):
-        found = resolve(named, pattern, f"--unfreeze-at {epoch}:{pattern}")
+        found = resolve(named, pattern, S("unfreeze_at", f"{epoch}:{pattern}", repr({epoch: pattern})))
         not_frozen = [n for n in found if named[n].requires_grad]
         if not_frozen:
-            raise NnfitError(f"--unfreeze-at {epoch}:{pattern} names {', '.join(not_frozen)}, which "
+            raise NnfitError(f"{S('unfreeze_at', f'{epoch}:{pattern}', repr({epoch: pattern}))} names {', '.join(not_frozen)}, which "
                              f"{'is' if len(not_frozen) == 1 else 'are'} not frozen; frozen parameters are: "
-                             f"{', '.join(frozen) or 'none'}. Freeze them with --freeze first")
+                             f"{', '.join(frozen) or 'none'}. Freeze them with {S('freeze')} first")
         earlier = {n for names in schedule.values() for n in names}
         schedule.setdefault(epoch, []).extend(n for n in found if n not in earlier)
     return {e: names for e, names in schedule.items() if names}
@@ -94,10 +95,10 @@ def check_lr_for(model: nn.Module, lr_for, will_train) -> None:
     """Every ``--lr-for`` pattern must name a parameter that trains at some point."""
     named = [n for n, _ in unwrap(model).named_parameters()]
     for pattern, value in lr_for:
-        found = resolve(named, pattern, f"--lr-for {pattern}={value:g}")
+        found = resolve(named, pattern, S("lr_for", f"{pattern}={value:g}", repr({pattern: value})))
         if not any(n in will_train for n in found):
-            raise NnfitError(f"--lr-for {pattern}={value:g} names only frozen parameters ({', '.join(found)}), "
-                             "so it would change nothing; unfreeze them with --unfreeze-at or drop --lr-for")
+            raise NnfitError(f"{S('lr_for', f'{pattern}={value:g}', repr({pattern: value}))} names only frozen parameters ({', '.join(found)}), "
+                             f"so it would change nothing; unfreeze them with {S('unfreeze_at')} or drop {S('lr_for')}")
 
 
 def param_groups(named_params, lr_for, default_lr: float) -> list[dict]:
@@ -262,11 +263,10 @@ def inspect(model_or_run) -> Inspection:
 
 
 def _inspect_run(folder: Path) -> Inspection:
-    from nnfit import checkpoint
+    from nnfit import runfolder
 
-    state, meta = checkpoint.load_weights(folder)  # checks the folder and the weights' checksum
-    summary_path = folder / "summary.json"
-    summary = checkpoint.read_json(summary_path, "run summary") if summary_path.exists() else {}
+    run = runfolder.read_run(folder)  # every file and field checked, parameter_table names included
+    state, meta, summary = run.weights, run.meta, run.summary
     recorded = {r["name"]: r for r in summary.get("parameter_table", [])}
     frozen = set(meta.get("frozen", []))
     names = list(recorded) or list(state)

@@ -16,7 +16,7 @@ from pathlib import Path
 from nnfit.checkpoint import atomic_write_bytes
 from nnfit.devices import describe_peak
 from nnfit.metrics import KEYS
-from nnfit.report import LABELS, _figure_bytes
+from nnfit.report import LABELS, _figure_bytes, _points, readable_ticks
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -82,7 +82,7 @@ def _e(value) -> str:
 
 def _lead(fitted, out: Path) -> str:
     inputs, targets = ", ".join(fitted.input_names), ", ".join(fitted.target_names)
-    return (f"run folder {out} · inputs {inputs} → targets {targets} · "
+    return (f"run folder {fitted.path or out} · inputs {inputs} → targets {targets} · "
             f"written {datetime.now().strftime('%Y-%m-%d %H:%M')} by nnfit {fitted.summary.get('nnfit_version', '')}")
 
 
@@ -101,17 +101,30 @@ def _table(head, rows, numeric=(), row_classes=None, table_id=None) -> str:
 
 
 def _metrics(s: dict) -> str:
-    columns = {name: s.get(name) for name in ("validation", "test") if s.get(name)}
+    """The CLI's table: validation, 'test before' for a fine-tuned run, test; per target when there are several."""
+    before = s.get("init_from") or {}
+    columns = {name: m for name, m in (("validation", s.get("validation")), ("test before", before.get("test_before")),
+                                       ("test", s.get("test"))) if m}
     if not columns:
         return "<p class=\"note\">no metrics: this model carries no evaluation.</p>"
-    rows = [[LABELS[k], *(f"{m[k]:.4e}" for m in columns.values())] for k in KEYS]
-    note = ""
+    parts = [_metric_table(columns, "metrics-table")]
     if "test" in columns:
-        note = (f"<p class=\"note\">test: {s.get('test_samples', '')} fresh points from the domain, compared with "
-                "the true formula. Validation: the held-out rows. Original units.</p>")
+        parts.append(f"<p class=\"note\">test: {s.get('test_samples', '')} fresh points from the domain, compared "
+                     "with the true formula. Validation: the held-out rows. Original units.</p>")
     else:
-        note = "<p class=\"note\">validation: the held-out rows, in original units.</p>"
-    return _table(["metric", *columns], rows, numeric=range(1, len(columns) + 1), table_id="metrics-table") + note
+        parts.append("<p class=\"note\">validation: the held-out rows, in original units.</p>")
+    if before:
+        parts.append(f"<p class=\"note\" id=\"started-from\">started from <code>{_e(before.get('run'))}</code> "
+                     f"(scaling {_e(before.get('scaling'))}); 'test before' is that model on the same test points."
+                     "</p>")
+    for name, targets in (s.get("per_target") or {}).items():
+        parts.append(f"<h3>{_e(name)}, per target</h3>" + _metric_table(targets, f"{name}-per-target-table"))
+    return "".join(parts)
+
+
+def _metric_table(columns: dict[str, dict], table_id: str) -> str:
+    rows = [[LABELS[k], *(f"{m[k]:.4e}" for m in columns.values())] for k in KEYS]
+    return _table(["metric", *columns], rows, numeric=range(1, len(columns) + 1), table_id=table_id)
 
 
 def _image(path: Path, alt: str, missing: str) -> str:
@@ -127,7 +140,7 @@ def _img(png: bytes, alt: str) -> str:
 
 def _residuals(fitted, problem) -> str:
     """Residual against prediction and their histogram: on the run's samples, or fresh formula points."""
-    points = _residual_points(fitted, problem)
+    points = _points(fitted, problem)
     if points is None:
         return "<p class=\"note\">no residuals: a table run saved without its data has nothing to compare with.</p>"
     X, Y, what = points
@@ -142,27 +155,17 @@ def _residuals(fitted, problem) -> str:
     ax1.axhline(0, color="black", lw=0.6)
     ax1.set_xlabel("predicted")
     ax1.set_ylabel("residual (predicted − true)")
-    ax1.set_title("residual against prediction")
+    ax1.set_title(f"residual against prediction on {what}", fontsize=10)
     ax2.set_xlabel("residual (predicted − true)")
-    ax2.set_title("distribution")
+    ax2.set_ylabel("count")
+    ax2.set_title("their distribution", fontsize=10)
     for ax in (ax1, ax2):
-        ax.ticklabel_format(axis="x" if ax is ax2 else "y", style="sci", scilimits=(-2, 3))
+        readable_ticks(ax.xaxis)
+        readable_ticks(ax.yaxis)
         if len(fitted.target_names) > 1:
             ax.legend()
-    return _img(_figure_bytes(fig), "residuals") + f"<p class=\"note\">{_e(what)}; original units.</p>"
-
-
-def _residual_points(fitted, problem):
-    if problem is not None:
-        return problem.X, problem.Y, f"all {len(problem.X)} samples of the run (training and validation)"
-    formula = fitted.formula
-    if formula is None:
-        return None
-    from nnfit.data import formula_values, sample_domain
-
-    X, Y = formula_values(formula, sample_domain(fitted.config.domain, 2000, fitted.config.seed + 7),
-                          fitted.config.nonfinite, "plot points")
-    return X, Y, f"{len(X)} fresh points from the domain, against the true formula"
+    against = " against the true formula" if fitted.formula is not None else ""
+    return _img(_figure_bytes(fig), "residuals") + f"<p class=\"note\">{_e(what)}{against}; original units.</p>"
 
 
 def _parameters(fitted) -> str:
@@ -180,10 +183,15 @@ def _parameters(fitted) -> str:
             classes[i] = "frozen"
     table = _table(["parameter", "shape", "elements", "state", "grad norm (last step)", "moved from start"],
                    rows, numeric=(2, 4, 5), row_classes=classes, table_id="parameter-table")
-    frozen = sum(1 for r in inspection.rows if not r["trainable"])
-    badge = f" <span class=\"badge\">{frozen} frozen</span>" if frozen else ""
-    return (table + f"<p class=\"note\">trainable: {inspection.trainable:,} parameters; "
-            f"frozen: {inspection.frozen:,}{badge}. Frozen rows are shaded; "
+    frozen = [r["name"] for r in inspection.rows if not r["trainable"]]
+    if frozen:
+        tensors = f"{len(frozen)} tensor{'s' if len(frozen) != 1 else ''}"
+        note = (f"<span class=\"badge\">{tensors} frozen</span> trainable: {inspection.trainable:,} parameters; "
+                f"frozen: {inspection.frozen:,} parameters in {tensors} ({_e(', '.join(frozen))}), unchanged by "
+                "training. Frozen rows are shaded; ")
+    else:
+        note = f"trainable: {inspection.trainable:,} parameters, none frozen; "
+    return (table + f"<p class=\"note\" id=\"frozen-note\">{note}"
             "'moved' is the L2 norm of the change from the starting value.</p>"
             + "".join(f"<p class=\"note\">{_e(n)}</p>" for n in inspection.notes))
 

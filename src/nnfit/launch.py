@@ -89,7 +89,7 @@ def _worker(rank: int, fn, args: tuple, n: int, port: int, errors: str) -> None:
         # Saved: exit 0, so that join() waits for rank 0 to finish writing. At once: stop the others too.
         sys.exit(exc.exit_code if exc.at_once else 0)
     except NnfitError as exc:  # the user's mistake: one line, as in a single process
-        Path(errors, f"{rank}.txt").write_text(str(exc))
+        Path(errors, f"{rank}.txt").write_text(exc.args[0])  # unrendered: the parent renders it
         sys.exit(2)
     except Exception:
         traceback.print_exc()  # a bug: the traceback goes to the terminal, the parent names the worker
@@ -107,12 +107,14 @@ def _failure(exc: ProcessException, n: int, errors: str) -> str:
                 "the other workers were stopped")
     how = f"was killed by signal {exc.signal_name}" if getattr(exc, "signal_name", None) \
         else f"exited with code {exc.exit_code}"
-    return f"worker {rank} of {n} {how}; the other workers were stopped"
+    hint = " (its error is above; from a script, the call to fit must be under 'if __name__ == \"__main__\":')" \
+        if getattr(exc, "exit_code", None) == 1 else ""
+    return f"worker {rank} of {n} {how}{hint}; the other workers were stopped"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     if issubclass(category, NnfitWarning):
-        print(f"nnfit: warning: {message}", file=sys.stderr)
+        print(f"nnfit: warning: {getattr(message, 'cli_message', message.__str__)()}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -123,6 +125,7 @@ def fit_in_workers(config, frame, model):
     from nnfit.api import load
     from nnfit.model import instantiate
 
+    _check_main_guard(config.devices)
     devices.parse_devices(config.device, config.devices)  # too many GPUs: say so before starting anyone
     scratch = None if config.out else tempfile.mkdtemp(prefix="nnfit-run-")
     out = config.out or scratch
@@ -131,7 +134,7 @@ def fit_in_workers(config, frame, model):
                     config.devices)
         fitted = load(out, model=instantiate(model) if model is not None else None)
         fitted.history = _read_history(Path(out) / "metrics.csv")
-        fitted.config = config
+        fitted.config = fitted.config.replace(out=config.out, plots=config.plots)  # as the run's rank 0 had it
         if scratch is not None:
             fitted.path = None
         return fitted
@@ -140,10 +143,36 @@ def fit_in_workers(config, frame, model):
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _fit_worker(rank: int, config, frame, model) -> None:
-    from nnfit.api import fit
+MAIN_GUARD = ("fit(devices={n}) starts {n} worker processes, and each one imports your script {script} again; "
+              "without a guard they run it from the top and call fit again. Put the code that calls fit under "
+              "'if __name__ == \"__main__\":' (see docs/distributed.md)")
 
-    fit(config=config, data=frame, model=model)
+
+def _check_main_guard(n: int) -> None:
+    """A script that calls fit(devices=N) at its top level, with no ``if __name__ == "__main__":``, would
+    have every spawned worker run it again: say what is missing instead of "worker 1 exited with code 1"."""
+    import inspect
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # a worker importing the script
+        raise NnfitError(MAIN_GUARD.format(n=n, script=script or ""))
+    if not script or not script.endswith(".py") or not os.path.exists(script):
+        return
+    called_from_top = any(f.frame.f_globals is vars(main) and f.function == "<module>" for f in inspect.stack())
+    with open(script, encoding="utf-8", errors="replace") as f:
+        guarded = "__main__" in f.read()
+    if called_from_top and not guarded:
+        raise NnfitError(MAIN_GUARD.format(n=n, script=script))
+
+
+def _fit_worker(rank: int, config, frame, model) -> None:
+    from nnfit.api import _fit_here
+    from nnfit.progress import Reporter
+
+    # The launcher holds the run folder's claim, and it shows the result, once.
+    _fit_here(config, frame, model, Reporter(quiet=config.quiet, verbose=config.verbose, results=False))
 
 
 def _read_history(path: Path) -> list[dict]:

@@ -74,3 +74,8 @@ def ensemble_metrics(members: torch.Tensor, true: torch.Tensor) -> dict:
     median = mses[k // 2] if k % 2 else (mses[k // 2 - 1] + mses[k // 2]) / 2
     return {"mean": regression_metrics(members.mean(dim=0), true), "members": each, "median_member_mse": median,
             "spread": spread_metrics(members, true)}
+
+
+def per_target_metrics(pred: torch.Tensor, true: torch.Tensor, names) -> dict[str, dict[str, float]]:
+    """``regression_metrics`` of each target column on its own, keyed by target name."""
+    return {name: regression_metrics(pred[:, j:j + 1], true[:, j:j + 1]) for j, name in enumerate(names)}

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from nnfit import devices
+from nnfit.config import ACTIVATION_LAYERS
 from nnfit.errors import NnfitError, NnfitWarning
+from nnfit.errors import setting as S
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+ACTIVATIONS = {name: getattr(nn, layer) for name, layer in ACTIVATION_LAYERS.items()}
 
 
 class MLP(nn.Sequential):
@@ -102,7 +104,7 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
     as the MLP of seed ``config.seed + k`` would (member 0 as the single network of the same seed)."""
     if config.activation == "none":
         warnings.warn(
-            "--activation none makes the network linear: it can only fit linear functions "
+            f"{S('activation', 'none')} makes the network linear: it can only fit linear functions "
             "(this is the tutorial's bug: its activations are commented out)", NnfitWarning, stacklevel=2)
     members = getattr(config, "ensemble", 1)
     widths = [n_inputs, *config.hidden, n_outputs]
@@ -153,6 +155,9 @@ def instantiate(model) -> nn.Module:
             raise NnfitError(f"{name}.__init__ never called super().__init__() before assigning layers; "
                              "add super().__init__() as the first line of its __init__ (the tutorial's pitfall)") from None
         raise
+    except TypeError as exc:  # the class needs arguments: nnfit cannot guess them
+        raise NnfitError(f"model={name} could not be built without arguments ({_first_line(exc)}); "
+                         f"pass an instance instead: model={name}(...)") from None
 
 
 def check_module(module, input_names, target_names, device, dtype) -> None:
@@ -170,19 +175,21 @@ def check_module(module, input_names, target_names, device, dtype) -> None:
     n_in, n_out = len(input_names), len(target_names)
     cols = f"{n_in} column{'s' if n_in != 1 else ''} ({', '.join(input_names)})"
     probe = torch.zeros(2, n_in, device=device, dtype=dtype)
+    name = type(module).__name__
     try:
         with torch.no_grad():
             out = module(probe)
-    except RuntimeError as exc:
+    except Exception as exc:  # any failure of the user's forward: one line that says where to look
         first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
         if first is not None and first.in_features != n_in:
             raise NnfitError(
                 f"the model's first layer expects {first.in_features} input features, but the data has {cols}; "
-                f"build the model with {n_in} input(s) or choose the inputs with --inputs") from None
-        if "device" in str(exc):
+                f"build the model with {n_in} input(s) or choose the inputs with {S('inputs')}") from None
+        if isinstance(exc, RuntimeError) and "device" in str(exc):
             raise NnfitError(f"the model failed on {device}: {_first_line(exc)}; "
                              f"a tensor of the module is on another device: {device_report(module, device)}") from None
-        raise NnfitError(f"the model failed on a batch of shape (2, {n_in}) from {cols}: {_first_line(exc)}") from None
+        raise NnfitError(f"{name}.forward failed on a probe batch of shape (2, {n_in}), the data's {cols}: "
+                         f"{type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(out, torch.Tensor):
         raise NnfitError(f"the model returned {type(out).__name__}; it must return a tensor of shape (batch, {n_out})")
     if tuple(out.shape) != (2, n_out):
@@ -190,6 +197,34 @@ def check_module(module, input_names, target_names, device, dtype) -> None:
             f"the model returns shape {tuple(out.shape)} for a batch of 2, but the data has {n_out} "
             f"target{'s' if n_out != 1 else ''} ({', '.join(target_names)}); it must return shape (2, {n_out}), "
             "one column per target")
+    # The built-in MLP warns about --activation none itself; a custom module is checked by what it computes.
+    if not isinstance(getattr(module, "module", module), MLP) and is_affine(module, n_in, device, dtype):
+        warnings.warn(f"{name} is linear: its output is an affine function of its input (checked on random "
+                      "points), so it can only fit linear functions; add a nonlinearity such as torch.tanh "
+                      f"between its layers (like {S('activation', 'none')}, this is the tutorial's bug: its "
+                      "activations are commented out)", NnfitWarning, stacklevel=3)
+
+
+def is_affine(module: nn.Module, n_in: int, device, dtype) -> bool:
+    """Whether ``module`` maps mixtures of inputs to the same mixtures of outputs, f(t a + (1-t) b) =
+    t f(a) + (1-t) f(b), on random points: true of an affine map, false of a network with a nonlinearity.
+    One forward pass, so that batch statistics and randomness see the points together."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 16, n_in, generator=g, dtype=torch.float64)
+    t = torch.rand(16, 1, generator=g, dtype=torch.float64)
+    batch = torch.cat([a, b, t * a + (1 - t) * b]).to(device=device, dtype=dtype)
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            fa, fb, fm = module(batch).to("cpu", torch.float64).split(16)
+    except Exception:  # a module that only takes batches of 2: no verdict
+        return False
+    finally:
+        module.train(was_training)
+    scale = float(torch.cat([fa, fb]).abs().max())
+    tolerance = 1e-4 if dtype == torch.float64 else 1e-3  # float32 rounding stays below 1e-5 of the scale
+    return scale > 0 and float((fm - (t * fa + (1 - t) * fb)).abs().max()) <= tolerance * scale
 
 
 def device_report(module: nn.Module, device) -> str:

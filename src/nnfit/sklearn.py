@@ -217,23 +217,22 @@ def _pack(fitted) -> dict:
 
 
 def _unpack(packed: dict):
-    """Rebuild a FittedModel from ``_pack``'s output, on the device it was on if that exists here (so a
-    copy predicts exactly as the original), else on the CPU."""
-    import torch
-    from safetensors.torch import load
-
-    from nnfit import devices
+    """Rebuild a FittedModel from ``_pack``'s output, through the run-folder reader's checks, on the device
+    it was on if that exists here (so a copy predicts exactly as the original), else on the CPU."""
+    from nnfit import devices, runfolder
     from nnfit.api import FittedModel
-    from nnfit.config import Config
     from nnfit.data import Scaling
-    from nnfit.model import rebuild
 
-    device = devices.where_it_was(packed.get("device", "cpu"))
-    module = rebuild(packed["architecture"]).to(device=device, dtype=getattr(torch, packed["dtype"]))
-    module.load_state_dict(load(packed["weights"]))  # copied into the parameters, on their device
-    trainable = set(packed["trainable"])
+    where = "the pickled Regressor"
+    if not isinstance(packed, dict) or not isinstance(packed.get("weights"), bytes):
+        raise NnfitError(f"{where} holds no nnfit model; pickle a fitted nnfit.Regressor")
+    run = runfolder.read_packed(packed, where)
+    module = runfolder.build_module(run.weights, run.meta, where=where)
+    module = module.to(devices.where_it_was(packed.get("device", "cpu")))
+    trainable = set(packed.get("trainable", []))
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)
-    return FittedModel(module, Scaling.from_dict(packed["scaling"]), packed["input_names"],
-                       packed["target_names"], Config.from_dict(packed["config"]), packed["history"],
-                       packed["summary"])
+    history = runfolder.checked(runfolder.items(runfolder.mapping(runfolder.anything)), packed.get("history", []),
+                                f"{where} field history")
+    return FittedModel(module, Scaling.from_dict(run.meta["scaling"]), run.meta["input_names"],
+                       run.meta["target_names"], run.config, history, run.summary)

@@ -221,7 +221,7 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     _check_settings(config)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=False)
     out = Path(config.out) if config.out else None
-    if out is not None:
+    if out is not None and not config.overwrite:
         _check_out(out)
 
     started = time.perf_counter()
@@ -268,11 +268,13 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                              "successive halving", "rungs": rungs, "seconds": round(result.seconds, 3),
                              "table": SWEEP_CSV, "rows": result.rows}
     if out is not None:
-        best.config = best.config.replace(out=str(out))
-        best.save(out, plots=config.plots, problem=problem)  # the ordinary run-folder writers
+        from nnfit import runfolder
         from nnfit.checkpoint import atomic_write_bytes
 
-        atomic_write_bytes(out / SWEEP_CSV, result.frame().to_csv(index=False).encode())
+        best.config = best.config.replace(out=str(out))
+        with runfolder.Claim(out, overwrite=config.overwrite):
+            best._write(out, plots=config.plots, problem=problem)  # the ordinary run-folder writers
+            atomic_write_bytes(out / SWEEP_CSV, result.frame().to_csv(index=False).encode())
         result.path = out
     return result
 
@@ -292,7 +294,7 @@ def _check_out(out: Path) -> None:
     """A sweep writes its winner at the end; refuse a used folder before spending the time."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NnfitError(f"--out {out} already exists and is not an empty folder; a run folder is never "
-                         "overwritten: choose a new --out")
+                         "overwritten silently: choose a new --out, or pass --overwrite to replace the run in it")
 
 
 def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nnfit.errors import NnfitError, NnfitWarning
+from nnfit.errors import setting as S
 
 MAX_BYTES = 4 * 1024**3
 # More columns than this is no function to fit by a fully connected network: refuse before parsing them all.
@@ -344,14 +345,14 @@ def _select_columns(frame, name, target, inputs, default_target):
     """
     columns = list(frame.columns)
     if target is None and default_target is None:
-        raise NnfitError(f"no target given: pass --target NAME; columns are: {_listing(columns)}")
+        raise NnfitError(f"no target given: pass {S('target', 'NAME')}; columns are: {_listing(columns)}")
     if target is None:
         target_names = default_target
     else:
-        target_names = _parse_names(target, "target", "--target", columns, name)
+        target_names = _parse_names(target, "target", "target", columns, name)
     numbers = {}
     if inputs is not None:
-        input_names = _parse_names(inputs, "input", "--inputs", columns, name)
+        input_names = _parse_names(inputs, "input", "inputs", columns, name)
         targets = set(target_names)
         both = [n for n in input_names if n in targets]
         if both:
@@ -375,7 +376,7 @@ def _select_columns(frame, name, target, inputs, default_target):
         if skipped:
             warnings.warn(
                 f"skipping column(s) without numbers in {name}: {_listing(skipped)}; "
-                "pass --inputs to choose input columns",
+                f"pass {S('inputs')} to choose input columns",
                 NnfitWarning,
                 stacklevel=3,
             )
@@ -391,8 +392,9 @@ def _select_columns(frame, name, target, inputs, default_target):
     return tuple(target_names), tuple(input_names), numbers
 
 
-def _parse_names(spec, what: str, flag: str, columns: list[str], name: str) -> list[str]:
+def _parse_names(spec, what: str, key: str, columns: list[str], name: str) -> list[str]:
     """Turn a target or inputs argument into a list of existing column names."""
+    flag = S(key)
     if isinstance(spec, str):
         # A whole name wins over splitting, so a column named "a,b" can still be chosen.
         names = [spec] if spec in columns else [n.strip() for n in spec.split(",") if n.strip()]
@@ -416,7 +418,7 @@ def _parse_names(spec, what: str, flag: str, columns: list[str], name: str) -> l
             match = difflib.get_close_matches(n.lower(), list(lowered), n=1)
             if match:
                 fixed = ",".join(lowered[match[0]] if m == n else m for m in names)
-                message += f" Pass {flag} {fixed}."
+                message += f" Pass {S(key, fixed)}."
             elif len(columns) == 1 and any(sep in columns[0] for sep in ";\t,|"):
                 message += " There is only one column: is the file separated by another character?"
             raise NnfitError(message)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from nnfit import devices, freeze, graphed, trainstate
 from nnfit.model import members as count_members
 from nnfit.errors import NnfitError, TrainingDiverged
+from nnfit.errors import setting as S
 
 LBFGS_ITERATIONS_PER_EPOCH = 20
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
@@ -235,11 +236,12 @@ def _restoring_threads(fn):
     return wrapper
 
 
-def _use_threads(config, recipe: Recipe, n_params: int, device: torch.device) -> None:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif device.type == "cpu" and recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK:
-        torch.set_num_threads(1)
+def _use_threads(config, recipe: Recipe, n_params: int, ctx, reporter) -> None:
+    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK, ctx)
+    if threads:
+        torch.set_num_threads(threads)
+    if line:
+        reporter.log(line)
 
 
 @_restoring_threads
@@ -257,7 +259,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     saver = saver or trainstate.Saver(None, None, together=ctx.distributed)
     n_train = len(data.X_train)
     unfreeze = freeze.unfreeze_schedule(model, config.unfreeze_at)
-    recipe = _recipe_for(model, config, n_train, unfreeze, ctx)
+    recipe = _recipe_for(model, config, n_train, unfreeze, ctx, reporter)
     lbfgs = recipe.optimizer == "lbfgs"
     rank_batch = _rank_batch(recipe, ctx, reporter)
     steps_per_epoch = 1 if lbfgs else math.ceil((n_train - n_train % ctx.world_size) / (rank_batch * ctx.world_size))
@@ -327,17 +329,17 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     return result
 
 
-def _recipe_for(model, config, n_train: int, unfreeze, ctx) -> Recipe:
+def _recipe_for(model, config, n_train: int, unfreeze, ctx, reporter) -> Recipe:
     """The recipe for this model and data, after checking --lr-for against it; sets the CPU threads."""
     named = [(n, p) for n, p in freeze.unwrap(model).named_parameters() if p.requires_grad]
     freeze.check_lr_for(model, config.lr_for, {n for n, _ in named} | {n for ns in unfreeze.values() for n in ns})
     n_params = sum(p.numel() for _, p in named)
     recipe = choose_recipe(config, n_train, n_params)
-    _use_threads(config, recipe, n_params, ctx.device)
+    _use_threads(config, recipe, n_params, ctx, reporter)
     if config.lr_for and recipe.optimizer == "lbfgs":
-        raise NnfitError("--lr-for gives parameters their own learning rate, but --optimizer auto chose full-batch "
+        raise NnfitError(f"{S('lr_for')} gives parameters their own learning rate, but {S('optimizer', 'auto')} chose full-batch "
                          "L-BFGS for this small problem, and L-BFGS takes all parameters in one group; "
-                         "pass --optimizer adam, adamw or sgd")
+                         f"pass {S('optimizer', 'adam')}, adamw or sgd")
     return recipe
 
 
@@ -657,8 +659,8 @@ def _rebuild(model, frozen_at_start, unfreeze, epoch: int, recipe, config):
 def _diverged(result: TrainResult, recipe: Recipe) -> None:
     lr = f"it was {recipe.lr:g}, and {MAX_ROLLBACKS} retries halved it down to {recipe.lr * 0.5 ** MAX_ROLLBACKS:g}"
     raise TrainingDiverged(f"training diverged: {result.stopped}, and again after rolling back {MAX_ROLLBACKS} "
-                           f"times with the learning rate halved each time; lower --lr ({lr}), add --grad-clip 1, "
-                           "or try --optimizer adam", result)
+                           f"times with the learning rate halved each time; lower {S('lr')} ({lr}), add {S('grad_clip', '1')}, "
+                           f"or try {S('optimizer', 'adam')}", result)
 
 
 def _verify_frozen(model, start_values, names, when) -> None:
@@ -695,9 +697,9 @@ def _tensorboard(config, ctx):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise NnfitError("--tensorboard needs the tensorboard package, which is not installed; install it with "
+        raise NnfitError(f"{S('tensorboard')} needs the tensorboard package, which is not installed; install it with "
                          "pip install 'nnfit[tensorboard]' (from a clone: pip install -e '.[tensorboard]'), "
-                         "or drop --tensorboard") from None
+                         f"or drop {S('tensorboard')}") from None
     from pathlib import Path
 
     return SummaryWriter(log_dir=str(Path(config.out) / "tb"))
@@ -1054,7 +1056,7 @@ def _rank_batch(recipe, ctx, reporter) -> int:
         return recipe.batch_size
     if recipe.batch_size < ctx.world_size:
         raise NnfitError(f"the global batch of {recipe.batch_size} is smaller than the {ctx.world_size} workers; "
-                         f"pass --batch-size {ctx.world_size} or more")
+                         f"pass {S('batch_size', ctx.world_size)} or more")
     per_rank = recipe.batch_size // ctx.world_size
     if per_rank * ctx.world_size != recipe.batch_size:
         reporter.log(f"the global batch {recipe.batch_size} is not a multiple of {ctx.world_size} workers: "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnfit import checkpoint, devices
+from nnfit import checkpoint, devices, runfolder
 from nnfit.errors import NnfitError, TrainingInterrupted
 
 DEFAULT_MIN_SECONDS = 1.0  # without --checkpoint-every: at most one epoch-end save per second
@@ -123,11 +123,8 @@ def restore_rng(state: State, generator: torch.Generator) -> None:
 
 
 def load(folder) -> State:
-    """The saved training state of a run folder, verified (see ``checkpoint.read_state``)."""
-    tensors, info = checkpoint.read_state(folder)
-    if "position" not in info or not any(k.startswith("model/") for k in tensors):
-        raise NnfitError(f"{Path(folder) / checkpoint.STATE} is not a complete training state; start the run again")
-    return State(tensors, info)
+    """The saved training state of a run folder, every field verified (``runfolder.read_state``)."""
+    return State(*runfolder.read_state(folder))
 
 
 # Stopping on SIGINT and SIGTERM.
@@ -275,9 +272,7 @@ class Saver:
         return {"epoch": epoch, "finished": True, "step": 0, "rows": 0, "steps": self.steps}
 
     def write(self, state: State) -> None:
-        try:
-            if self.saves == 0:
-                checkpoint.write_json(self.folder / "config.json", self.info["config"])
+        try:  # state.json holds the config: config.json is written with the finished run (runfolder.commit)
             checkpoint.write_state(self.folder, state.tensors, {**self.info, **state.info, "saves": self.saves + 1},
                                    self.saves + 1)
         except NnfitError as exc:
