@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from nnfit.cli import build_parser, main
 
 TINY = ["--samples", "40", "--test-samples", "40", "--epochs", "2", "--no-plots", "--quiet"]
-SKIP = {"help", "version", "debug"}  # --help and --version exit through argparse; --debug shows tracebacks
+# --help, --help-all and --version exit through argparse; --debug shows tracebacks
+SKIP = {"help", "version", "debug"}
+SKIP_FLAGS = {"--help-all"}
 ODD = ["--", "", " ", "-", "-1", "0", "1.5", "nan", "-inf", "1e400", "9" * 40, "-" + "9" * 40, "x" * 300,
        "é∂ƒ☃", "\u200b", "x=0:1", "x=1:0", "l1", "5:l1", "l1=0.01", "a,b,,c", "/proc/nope/x", ".", "cuda:99"]
 
@@ -28,7 +30,8 @@ def _options():
     for name, p in sub.choices.items():
         positional = any(not a.option_strings for a in p._actions)
         flags = [(a.option_strings[-1], a.nargs != 0, tuple(a.choices or ()))
-                 for a in p._actions if a.option_strings and a.dest not in SKIP]
+                 for a in p._actions if a.option_strings and a.dest not in SKIP
+                 and not SKIP_FLAGS & set(a.option_strings)]
         commands.append((name, positional, flags))
     return commands
 
@@ -38,7 +41,7 @@ COMMANDS = _options()
 
 def test_the_option_list_comes_from_the_parser():
     names = {name for name, _, _ in COMMANDS}
-    assert names == {"train", "demo", "resume", "predict", "evaluate", "inspect", "export"}
+    assert names == {"train", "demo", "sweep", "resume", "predict", "evaluate", "inspect", "export"}
     train = dict((flag, takes) for flag, takes, _ in next(f for n, _, f in COMMANDS if n == "train"))
     assert train["--hidden"] and train["--domain"] and not train["--no-plots"] and len(train) > 35
 
@@ -57,7 +60,7 @@ def command_lines(draw):
     argv = [name]
     if positional:
         argv.append(draw(st.sampled_from(["RUN", "RUN", "RUN", "--", "", "missing", "é"])))
-    if name in ("train", "demo"):
+    if name in ("train", "demo", "sweep"):
         argv += TINY + ["--out", "out"]
     if name == "predict":
         argv += ["--input", "x=0.5"]

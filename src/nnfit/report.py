@@ -120,11 +120,12 @@ def loss_figure(history, name: str = "", samples: dict | None = None):
     return fig
 
 
-def draw_prediction(ax, x, mean, std=None, label: str = "learned", color: str = "tab:red") -> None:
+def draw_prediction(ax, x, mean, std=None, label: str = "learned", color: str = "tab:red",
+                    band_label: str = "±2 std") -> None:
     """The model's curve on ``ax``; with ``std`` (an ensemble's spread), a band of ±2 std around it."""
     ax.plot(x, mean, "--", color=color, lw=1.8, label=label)
     if std is not None:
-        ax.fill_between(x, mean - 2 * std, mean + 2 * std, color=color, alpha=0.2, lw=0, label="±2 std")
+        ax.fill_between(x, mean - 2 * std, mean + 2 * std, color=color, alpha=0.2, lw=0, label=band_label)
 
 
 def _points(fitted, problem):
@@ -185,7 +186,8 @@ def fit_figure(fitted, problem=None):
                 ax_err.scatter(X[:, 0], fitted.predict_tensor(X)[:, j] - Y[:, j], s=4, color="tab:red", alpha=0.5)
                 ax_err.set_ylabel("residual")
             draw_prediction(ax, grid[:, 0], learned[:, j], None if std is None else std[:, j],
-                            label=f"learned (mean of {fitted.members} members)" if ensemble else "learned")
+                            label=f"learned (mean of {fitted.members} members)" if ensemble else "learned",
+                            band_label=f"±2σ of {fitted.members} members")
             ax_err.axhline(0, color="black", lw=0.6)
             for axis in (ax.yaxis, ax_err.yaxis, ax_err.xaxis):
                 readable_ticks(axis)
