@@ -201,7 +201,7 @@ def test_ensemble_trains_with_two_ddp_processes(tmp_path):
 
 
 def test_bad_ensemble_settings_get_one_clear_message():
-    with pytest.raises(NnfitError, match="--ensemble must be a positive integer, got 0"):
+    with pytest.raises(NnfitError, match="ensemble must be a positive integer, got 0"):
         Config(ensemble=0)
 
     class Custom(torch.nn.Module):
@@ -212,7 +212,7 @@ def test_bad_ensemble_settings_get_one_clear_message():
         def forward(self, x):
             return self.lin(x)
 
-    with pytest.raises(NnfitError, match=r"--ensemble 3 stacks .* a custom module \(Custom\) cannot be stacked"):
+    with pytest.raises(NnfitError, match=r"ensemble=3 stacks .* a custom module \(Custom\) cannot be stacked"):
         nnfit.fit(model=Custom(), ensemble=3, epochs=1, **SMALL)
     single = nnfit.fit(epochs=1, **ADAM, **SMALL)
     with pytest.raises(NnfitError, match="single network, so there is no spread to give"):

@@ -23,7 +23,7 @@ from nnfit.formula import parse_formula
 from nnfit.metrics import ensemble_metrics, per_target_metrics, regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
-from nnfit.train import TrainData, train
+from nnfit.train import TrainData, choose_recipe, train
 
 PREDICT_CHUNK = 65536
 TEST_SEED_OFFSET = 1_000_003  # fresh test points never coincide with the training sample
@@ -364,7 +364,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
 
     torch.manual_seed(config.seed)
     if user_model is not None and config.ensemble > 1:
-        raise NnfitError(f"--ensemble {config.ensemble} stacks K copies of nnfit's own MLP into one computation, "
+        raise NnfitError(f"{S('ensemble', config.ensemble)} stacks K copies of nnfit's own MLP into one computation, "
                          f"and a custom module ({type(user_model).__name__}) cannot be stacked; drop ensemble=, "
                          "or describe the network with --hidden and --activation")
     if user_model is not None:
@@ -375,6 +375,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         _start_from(module, *init, config.init_from, problem.input_names)
     if config.freeze:
         freeze.freeze(module, config.freeze)  # before placing: a distributed wrapper must see the final flags
+    ctx = _small_lbfgs_on_cpu(config, ctx, module, len(train_idx), reporter)
     module = devices.place_model(module, ctx, dtype)
     if user_model is not None:  # nnfit's own MLP (or stacked MLPs) is built to the data's shape
         check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)
@@ -429,6 +430,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if problem.formula is not None:
         summary["test"] = test
         summary["test_samples"] = config.test_samples
+    _require_finite_metrics(summary, config)  # before anything reads the metrics as numbers
+    if problem.formula is not None:
         _warn_if_test_is_far_worse(validation, summary["test"], (fitted.predict_tensor(X_test) - Y_test) ** 2,
                                    len(train_idx))
     if init is not None:
@@ -445,7 +448,6 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
     fitted.summary = summary
-    _require_finite_metrics(summary, config)
     if result.rollbacks:
         summary["rollbacks"] = result.rollbacks
     if result.member_best_epochs:
@@ -506,6 +508,26 @@ def _warn_if_test_is_far_worse(validation, test, test_errors: torch.Tensor, n_tr
     warnings.warn(f"the test metrics are far worse than validation (R² {test['r2']:.4f} on fresh points of the "
                   f"domain against {validation['r2']:.4f} on the validation rows, MSE {test['mse']:.3g} against "
                   f"{validation['mse']:.3g}): {why}", NnfitWarning, stacklevel=4)
+
+
+# Training rows x parameters up to which --device auto trains a full-batch L-BFGS fit on the CPU even where a
+# GPU exists. L-BFGS reads its loss and curvature back to the host about 100 times an iteration, so such a fit
+# is bound by those round trips on a GPU: the tutorial's exercise (900 rows x 10,401 parameters) trained in
+# 2.87 s on an H200 and in 0.80 s on the same machine's CPU (bench/gpu.py, docs/benchmarks.md).
+LBFGS_CPU_MAX_WORK = 2e7
+
+
+def _small_lbfgs_on_cpu(config: Config, ctx, module, n_train: int, reporter: Reporter):
+    """The context to train in: with --device auto on a GPU, the CPU for a small full-batch L-BFGS fit."""
+    if config.device != "auto" or ctx.device.type != "cuda" or ctx.distributed:
+        return ctx
+    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if choose_recipe(config, n_train, n_params).optimizer != "lbfgs" or n_train * n_params > LBFGS_CPU_MAX_WORK:
+        return ctx
+    reporter.log(f"device: cpu rather than {ctx.device}: a full-batch L-BFGS fit of {n_train:,} rows x {n_params:,} "
+                 "parameters is bound by host round trips on a GPU and trains faster on the CPU; pass --device "
+                 "cuda to train on the GPU anyway")
+    return devices.Context(device=torch.device("cpu"))
 
 
 def _kept_after_stop(out) -> str:
