@@ -198,3 +198,18 @@ def test_verbose_api_shows_the_result_the_cli_prints(capsys, tmp_path):
                        "--out", str(tmp_path / "demo"))
     assert code == 0 and "test: 200 fresh points" in out
     assert out.rstrip().endswith("Try: nnfit train --activation none")  # the demo's closing hint
+
+
+def test_no_validation_rows_by_choice_is_not_too_few_rows():
+    """val_split=0 is a choice (benchmarks use it): a large table then gets no few-rows warning."""
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+
+    x = np.linspace(0, 1, 2000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nnfit.fit(data=pd.DataFrame({"x": x, "y": x ** 2}), target="y", val_split=0.0, epochs=1, quiet=True,
+                  optimizer="adam", plots=False)
+    assert not [w for w in caught if "training row(s)" in str(w.message)]

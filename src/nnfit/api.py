@@ -476,7 +476,8 @@ MIN_TRAIN_PER_INPUT = 10
 
 def _warn_if_few_rows(config: Config, problem: Problem, n_train: int, n_val: int) -> None:
     d = len(problem.input_names)
-    if n_val >= MIN_VALIDATION and n_train >= MIN_TRAIN_PER_INPUT * d:
+    # No validation rows at all (val_split 0) is a choice, not too few rows.
+    if (n_val == 0 or n_val >= MIN_VALIDATION) and n_train >= MIN_TRAIN_PER_INPUT * d:
         return
     given = f"{S('samples', config.samples)} gives" if problem.formula is not None else \
         f"{problem.source} has {n_train + n_val} rows, which give"
