@@ -300,12 +300,17 @@ def free_cores(window: float = LOAD_WINDOW) -> float | None:
         cpus = os.sched_getaffinity(0)
     except AttributeError:
         return None
+    own = os.times()
     before = _cpu_jiffies(cpus)
     time.sleep(window)
     after = _cpu_jiffies(cpus)
     if before is None or after is None or after[1] <= before[1]:
         return None
-    busy, total = after[0] - before[0], after[1] - before[1]
+    # This process's own threads are not load: torch's idle OpenMP workers spin for a while after the data
+    # was prepared, and counted as busy they made a quiet machine look half taken.
+    now = os.times()
+    mine = (now.user + now.system - own.user - own.system) * os.sysconf("SC_CLK_TCK")
+    busy, total = max(0.0, after[0] - before[0] - mine), after[1] - before[1]
     return len(cpus) * (1 - busy / total)
 
 
