@@ -302,6 +302,17 @@ def test_an_optimizer_setting_outside_the_captured_update_keeps_the_step_eager()
                                            gpu, _config())
 
 
+def _eager_closure(model, optimizer, X, Y):
+    """torch's usual L-BFGS closure: the reference a captured closure must replay."""
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(X), Y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def test_the_lbfgs_closure_replays_the_eager_closures_loss_and_gradients():
     (m1, _), (m2, _) = _pair()
     X, Y = _data()
@@ -312,12 +323,7 @@ def test_the_lbfgs_closure_replays_the_eager_closures_loss_and_gradients():
     o1 = torch.optim.LBFGS(m1.parameters(), lr=1, max_iter=5, line_search_fn="strong_wolfe")
     o2 = torch.optim.LBFGS(params, lr=1, max_iter=5, line_search_fn="strong_wolfe")
 
-    def eager():
-        o1.zero_grad()
-        loss = F.mse_loss(m1(X), Y)
-        loss.backward()
-        return loss
-
+    eager = _eager_closure(m1, o1, X, Y)
     for _ in range(3):
         o1.step(eager)
         o2.step(closure)
@@ -396,12 +402,7 @@ def test_cuda_lbfgs_closure_graph_matches_eager():
     closure = graphed.GraphedClosure(m2, X, Y, None, params, torch.device("cuda"), log=lambda s: None)
     closure.capture(lambda: o2.zero_grad(set_to_none=True))
 
-    def eager():
-        o1.zero_grad()
-        loss = F.mse_loss(m1(X), Y)
-        loss.backward()
-        return loss
-
+    eager = _eager_closure(m1, o1, X, Y)
     for _ in range(3):
         o1.step(eager)
         o2.step(closure)

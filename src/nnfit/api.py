@@ -272,16 +272,7 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
     Returns:
         A FittedModel with ``predict``, ``evaluate`` and ``save``.
     """
-    frame = None
-    if data is not None and not isinstance(data, (str, Path)):
-        frame, data = data, None
-    given = {"formula": formula, "domain": domain, "data": str(data) if data is not None else None,
-             "target": target, "inputs": inputs}
-    values = {k: v for k, v in given.items() if v is not None}
-    if config is None:
-        config = Config.from_dict({**values, **settings})
-    elif values or settings:
-        config = config.replace(**values, **settings)
+    config, frame = config_and_frame(formula, domain, data, target, inputs, config, settings)
     if frame is not None and config.formula is not None:
         raise NnfitError("formula and data were both given; choose one source of samples")
     reporter = reporter or Reporter(quiet=config.quiet, verbose=config.verbose)
@@ -295,6 +286,19 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
             reporter.result(fitted, config.resume)
             return fitted
         return _fit_here(config, frame, model, reporter)
+
+
+def config_and_frame(formula, domain, data, target, inputs, config: Config | None, settings: dict):
+    """The settings of ``fit`` (and ``sweep``) as one Config, and the DataFrame given as ``data`` (or None)."""
+    frame = None
+    if data is not None and not isinstance(data, (str, Path)):
+        frame, data = data, None
+    given = {"formula": formula, "domain": domain, "data": str(data) if data is not None else None,
+             "target": target, "inputs": inputs}
+    values = {k: v for k, v in given.items() if v is not None}
+    if config is None:
+        return Config.from_dict({**values, **settings}), frame
+    return (config.replace(**values, **settings) if values or settings else config), frame
 
 
 def _signals(enabled: bool):

@@ -210,13 +210,9 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     from nnfit.data import build_problem, split_indices
     from nnfit.progress import Reporter
 
-    frame_ = None
-    if data is not None and not isinstance(data, (str, Path)):
-        frame_, data = data, None
-    given = {"formula": formula, "domain": domain, "data": str(data) if data is not None else None,
-             "target": target, "inputs": inputs}
-    values = {k: v for k, v in given.items() if v is not None}
-    config = config.replace(**values, **settings) if config is not None else Config.from_dict({**values, **settings})
+    from nnfit.api import config_and_frame
+
+    config, frame_ = config_and_frame(formula, domain, data, target, inputs, config, settings)
     trials = [Trial(i, c) for i, c in enumerate(grid(config, lr, hidden, width, depth, activation))]
     _check_settings(config)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=False)
