@@ -285,7 +285,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         reporter.log(f"resuming from {saver.resume.describe()} ({saver.folder})")
         rollback = Rollback(saver.resume)
     else:
-        rollback = Rollback(run.snapshot(saver.position(0)))  # where a divergence in the first epoch goes back to
+        rollback = Rollback(run.keep_point(saver.position(0)))  # where a divergence in the first epoch goes back to
     stop.start(saver.resume)
     while epoch <= recipe.epochs:
         epoch_start = time.perf_counter()
@@ -317,7 +317,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         result.stopped = stop.reason(result, epoch, out_of_time)
         if result.stopped:
             break
-        rollback.good(run.snapshot(saver.position(epoch)))
+        rollback.good(run.keep_point(saver.position(epoch)))
         saver.epoch_end(rollback.last_good)
         epoch += 1
     else:
@@ -438,6 +438,11 @@ class Run:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.best_state = _copy_state(model)
         self.start_values = freeze.snapshot(model)  # the proof that frozen tensors stay put, and movement, start here
+        # The rollback point: one state whose tensors every epoch's end overwrites (keep_point), and which
+        # changes of best_state and start_values it holds (versions, counted up when either changes).
+        self._point, self._versions, self._point_versions = None, [0, 0], None
+        self._member_views = _MemberViews()  # an ensemble's per-member slices of best_state and the weights
+        self._prepare_views()
         self.net = _wrap(model, ctx)
         self.step = make_step(self.net, self.optimizer, plan, config)
         self._closure, self._no_closure_graph = None, False  # L-BFGS's captured closure (on CUDA)
@@ -446,29 +451,57 @@ class Run:
 
     def keep_best(self, epoch: int, val_loss) -> bool:
         """Keep the weights of each member (or of the one network) whose validation loss is its best so
-        far; True when any improved. An ensemble's members are selected by a mask, on the device."""
+        far; True when any improved. The weights are copied into ``best_state``'s own tensors in one
+        foreach copy (an ensemble's improved members through views of their slices), without allocating."""
         result = self.result
+        live = freeze.unwrap(self.model).state_dict(keep_vars=True)  # the tensors themselves: no detach() each
         if not isinstance(val_loss, list):
             if val_loss >= result.best_val_loss:
                 return False
             result.best_epoch, result.best_val_loss = epoch, val_loss
-            self.best_state = _copy_state(self.model)
+            self._keep(live)
             return True
         if not result.member_best_epochs:
             result.member_best_epochs, result.member_best_val_losses = [0] * len(val_loss), [math.inf] * len(val_loss)
-        better = [v < b for v, b in zip(val_loss, result.member_best_val_losses)]
-        if not any(better):
+        better = [k for k, (v, b) in enumerate(zip(val_loss, result.member_best_val_losses)) if v < b]
+        if not better:
             return False
-        mask = torch.tensor(better, device=self.plan.device)
-        for name, now in freeze.unwrap(self.model).state_dict().items():
-            keep = mask.view(-1, *[1] * (now.dim() - 1))
-            self.best_state[name] = torch.where(keep, now.detach(), self.best_state[name])
-        for k in (k for k, b in enumerate(better) if b):
+        if len(better) == len(val_loss):
+            self._keep(live)
+        else:
+            self._keep(live, better)
+        for k in better:
             result.member_best_epochs[k], result.member_best_val_losses[k] = epoch, val_loss[k]
         # Training goes on while any member still improves: the stop rules read the latest best epoch.
         result.best_epoch = max(result.member_best_epochs)
         result.best_val_loss = sum(result.member_best_val_losses) / len(val_loss)
         return True
+
+    def _keep(self, live: dict, members=None) -> None:
+        """Copy the live weights into ``best_state``: all of them, or only the slices of ``members``."""
+        if members is None:
+            trainstate.copy_into([self.best_state[k] for k in live], list(live.values()))
+        else:
+            best, now = self._member_views(self.best_state, live, members)
+            trainstate.copy_into(best, now)
+        self._versions[0] += 1
+
+    def _prepare_views(self) -> None:
+        """An ensemble's member slices, made now rather than in the first epoch where only some improve."""
+        if self.plan.members > 1:
+            self._member_views(self.best_state, freeze.unwrap(self.model).state_dict(keep_vars=True), [])
+
+    def keep_point(self, position) -> trainstate.State:
+        """The state at an epoch's end that a divergence rolls back to (and that the saver may write).
+
+        Every call overwrites the tensors of the previous one (``trainstate.capture``'s ``into``): the
+        run keeps one rollback point, which a restore has already copied out of before the next. The
+        best and starting weights are copied only when they changed since."""
+        unchanged = () if self._point_versions is None else \
+            [name for name, now, then in zip(("best", "start"), self._versions, self._point_versions) if now == then]
+        self._point = self.snapshot(position, into=self._point, unchanged=unchanged)
+        self._point_versions = list(self._versions)
+        return self._point
 
     def lr(self) -> float:
         """The first parameter group's learning rate for the next step."""
@@ -523,10 +556,11 @@ class Run:
         self.result.unfrozen_at.update(dict.fromkeys(names, epoch))
         self.renew()
 
-    def snapshot(self, position, perm=None, total=None) -> trainstate.State:
+    def snapshot(self, position, perm=None, total=None, into=None, unchanged=()) -> trainstate.State:
+        """A new, private copy of the run's state (``keep_point`` passes ``into``: the previous point's buffers)."""
         state = trainstate.capture(freeze.unwrap(self.model), self.optimizer, self.schedule.factor, self.plan,
                                    self.generator, self.result, self.best_state, self.start_values, position, perm,
-                                   total)
+                                   total, into, unchanged)
         state.info["seconds"] = time.perf_counter() - self.started
         return state
 
@@ -539,6 +573,8 @@ class Run:
         # A state read from disk is on the CPU: the start and best weights go back to the model's device.
         self.start_values = trainstate.part(state, "start", live)
         self.best_state = trainstate.part(state, "best", live)
+        self._versions = [v + 1 for v in self._versions]  # new best and start tensors: the next point copies them
+        self._prepare_views()
         position = state.position
         self.optimizer = _rebuild(self.model, self.frozen_at_start, self.unfreeze_at, position["epoch"], self.recipe,
                                   self.config)
@@ -1087,3 +1123,24 @@ def _rank_part(T: torch.Tensor, ctx) -> torch.Tensor:
 
 def _copy_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _MemberViews:
+    """An ensemble's per-member slices (views) of the best weights and of the live ones, made once and
+    kept while both sets of tensors stay the same objects: copying some members' best weights is then one
+    foreach copy over their slices, not a select per tensor and member every epoch."""
+
+    def __init__(self):
+        self._of: tuple = ((), ())
+        self._rows: list = []
+
+    def __call__(self, best: dict, live: dict, members: list[int]) -> tuple[list, list]:
+        targets, sources = [best[k] for k in live], list(live.values())
+        if not (_same_objects(self._of[0], targets) and _same_objects(self._of[1], sources)):
+            self._of = (targets, sources)
+            self._rows = [([t[k] for t in targets], [s[k] for s in sources]) for k in range(len(sources[0]))]
+        return ([t for k in members for t in self._rows[k][0]], [s for k in members for s in self._rows[k][1]])
+
+
+def _same_objects(a, b) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

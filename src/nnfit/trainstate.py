@@ -45,15 +45,22 @@ class State:
 
 
 def capture(model, optimizer, lr_factor: float, plan, generator, result, best_state, start_values, position: dict,
-            perm=None, total=None) -> State:
+            perm=None, total=None, into: State | None = None, unchanged=()) -> State:
     """A copy of everything the loop needs to continue exactly from ``position``. The learning rate is a
-    function of ``position["steps"]`` and ``lr_factor`` (halved by each rollback): no scheduler state."""
-    tensors: dict = {}
+    function of ``position["steps"]`` and ``lr_factor`` (halved by each rollback): no scheduler state.
+
+    ``into``: an earlier state of the same run, owned by the caller, whose tensors become this copy's
+    buffers when every one still matches in name, shape, dtype and device: one foreach copy per device
+    and dtype, no allocation (the state at every epoch's end, which a divergence rolls back to). Its
+    tensors are overwritten: nothing else may hold on to it. ``unchanged``: the prefixes ("best",
+    "start") whose values are what ``into`` already holds, not copied again.
+    """
+    live: dict = {}  # the run's own tensors: copied
     info = {
         "position": dict(position),
-        "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors),
+        "optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", live),
         "lr_factor": lr_factor,
-        "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", tensors) if plan.scaler is not None else None,
+        "scaler": checkpoint.pack(plan.scaler.state_dict(), "scaler", live) if plan.scaler is not None else None,
         "micro": plan.micro,
         "eval_chunk": plan.eval_chunk,
         "oom_retries": [dict(r) for r in plan.guard.retries],
@@ -63,19 +70,50 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
         "member_best": [list(result.member_best_epochs), list(result.member_best_val_losses)],  # an ensemble's
         "unfrozen_at": dict(result.unfrozen_at),
         "rollbacks": [dict(r) for r in result.rollbacks],
-        "rng": _rng_info(tensors),
     }
-    for prefix, state in (("model", model.state_dict()), ("best", best_state), ("start", start_values)):
-        tensors.update({f"{prefix}/{k}": v for k, v in state.items()})
-    tensors["rng/torch"] = torch.get_rng_state()
-    tensors["rng/generator"] = generator.get_state()
+    fresh: dict = {}  # made here for this state (the RNG states): nothing else holds them, no copy needed
+    info["rng"] = _rng_info(fresh)
+    # keep_vars: the parameters themselves, not a detach() (one operation each) of every one
+    for prefix, state in (("model", model.state_dict(keep_vars=True)), ("best", best_state), ("start", start_values)):
+        live.update({f"{prefix}/{k}": v for k, v in state.items()})
+    fresh["rng/torch"] = torch.get_rng_state()
+    fresh["rng/generator"] = generator.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        fresh.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     if perm is not None:
-        tensors["perm"] = perm
+        live["perm"] = perm
     if total is not None:
-        tensors["total"] = total
-    return State({k: v.detach().clone() for k, v in tensors.items()}, info)
+        live["total"] = total
+    return State({**_copied(live, into, unchanged), **fresh}, info)
+
+
+def _copied(live: dict, into: State | None, unchanged) -> dict:
+    """Private copies of ``live``'s tensors: into ``into``'s where they all fit, else new ones."""
+    buffers = into.tensors if into is not None else {}
+    if buffers and all(k in buffers and _fits(buffers[k], v) for k, v in live.items()):
+        copy_into([buffers[k] for k in live if k.partition("/")[0] not in unchanged],
+                  [v for k, v in live.items() if k.partition("/")[0] not in unchanged])
+        return {k: buffers[k] for k in live}
+    return {k: v.detach().clone() for k, v in live.items()}
+
+
+def _fits(buffer: torch.Tensor, value: torch.Tensor) -> bool:
+    return buffer.shape == value.shape and buffer.dtype == value.dtype and buffer.device == value.device
+
+
+@torch.no_grad()
+def copy_into(buffers: list, values: list) -> None:
+    """``buffers[i].copy_(values[i])`` for all i, as one ``torch._foreach_copy_`` per (device, dtype):
+    on a GPU one multi-tensor kernel instead of a launch per tensor. No autograd: a buffer never joins
+    a parameter's graph."""
+    groups: dict = {}
+    for b, v in zip(buffers, values, strict=True):
+        key = (b.device, b.dtype, v.device, v.dtype)
+        bs, vs = groups.setdefault(key, ([], []))
+        bs.append(b)
+        vs.append(v)
+    for bs, vs in groups.values():
+        torch._foreach_copy_(bs, vs)
 
 
 def _rng_info(tensors: dict) -> dict:
