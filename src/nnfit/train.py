@@ -29,10 +29,13 @@ from nnfit.errors import setting as S
 LBFGS_ITERATIONS_PER_EPOCH = 20
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
 DEFAULT_STEPS = 20_000  # Adam/SGD steps when --epochs is not given
-# Rows per forward pass x parameters up to which one CPU thread trains as fast as two on a quiet machine
-# (the matmuls are too small to split), while on a busy one the threads' barriers cost up to 100x. Above it
-# the thread count follows the cores that are free (devices.cpu_threads): `python bench/threads.py`.
+# Rows per forward pass x parameters up to which one CPU thread trains about as fast as two on a quiet
+# machine (the matmuls are too small to split), while on a busy one the threads' barriers cost up to 100x.
+# Above it the thread count follows the cores that are free (devices.cpu_threads). A full-batch L-BFGS
+# iteration gains less from a second thread (10 % for the tutorial's 900 rows, 9e6, against 1.5x for an
+# Adam step of 1e7), and one thread keeps the demo's numbers the same on every machine: `python bench/threads.py`.
 ONE_THREAD_MAX_WORK = 1e6
+ONE_THREAD_MAX_WORK_LBFGS = 2e7
 MAX_ROLLBACKS = 3  # retries, each with half the learning rate, after a non-finite loss
 
 
@@ -239,7 +242,8 @@ def _restoring_threads(fn):
 
 
 def _use_threads(config, recipe: Recipe, n_params: int, ctx, reporter) -> None:
-    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK, ctx)
+    limit = ONE_THREAD_MAX_WORK_LBFGS if recipe.optimizer == "lbfgs" else ONE_THREAD_MAX_WORK
+    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= limit, ctx)
     if threads:
         torch.set_num_threads(threads)
     if line:
