@@ -1,7 +1,7 @@
 """Per-epoch work outside the training step, counted in tensor operations and host reads.
 
     python bench/epoch_overhead.py           # the GPU issue's case: 1M rows, batch 65536 (about 2 minutes on 2 CPU cores)
-    python bench/epoch_overhead.py --quick   # 16 batches of 1024 rows: the same counts in seconds
+    python bench/epoch_overhead.py --quick   # 16 batches of 64 rows: the same counts in seconds
 
 On a GPU every small tensor operation is a kernel launch of several microseconds, and every host read
 (``.item()``, ``.tolist()``, ``float(tensor)``) waits for the GPU; at batch 65536 an epoch is only 16
@@ -154,11 +154,11 @@ def main() -> None:
     from _common import table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 batches of 1024 rows (the same counts, in seconds)")
+    parser.add_argument("--quick", action="store_true", help="16 batches of 64 rows (the same counts, in seconds)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--ops", action="store_true", help="also list the operations by name")
     args = parser.parse_args()
-    batch = 1024 if args.quick else 65536
+    batch = 64 if args.quick else 65536
     rows = 16 * batch  # 16 steps per epoch, as 1,048,576 rows at batch 65536
     results = [measure(k, v, rows + (rows // 9 if v else 0), batch, args.epochs) for k in (1, 8) for v in (False, True)]
     print(f"Tutorial network 1-100-100-1 tanh, Adam, batch {batch}, {rows:,} training rows (16 steps per epoch), "

@@ -3,6 +3,8 @@ tensors (bench/epoch_overhead.py counts them; on a GPU each is a kernel launch).
 every epoch's end overwrites in place holds copies, never the live tensors. No timing is asserted."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,20 @@ def test_the_rollback_point_holds_copies_of_the_best_start_and_live_weights(monk
         assert torch.equal(point[f"best/{name}"], value)
         assert torch.equal(point[f"start/{name}"], start[name])
         assert torch.equal(point[f"model/{name}"], final["model"][name])
+    history = points[-1].info["history"]  # copied a row at a time as epochs end, not all again each epoch
+    assert history == result.history and not any(a is b for a, b in zip(history, result.history))
+    assert all(a is b for a, b in zip(points[-2].info["history"], history))
     live = [*freeze.unwrap(model).state_dict(keep_vars=True).values(), *final["optimizer"]]
     live_memory = {t.untyped_storage().data_ptr() for t in live}
     assert not live_memory & {t.untyped_storage().data_ptr() for t in point.values()}
+
+
+def test_the_bench_prints_its_table():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "epoch_overhead.py"), "--quick", "--epochs", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+             if line.startswith("| ")]
+    header, rows = table[0], table[1:]
+    assert [(r[0], r[1]) for r in rows] == [("1", "off"), ("1", "on"), ("8", "off"), ("8", "on")]
+    assert all(int(r[header.index("snapshot")]) <= COPIES["snapshot"] for r in rows)

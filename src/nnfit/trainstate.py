@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,9 @@ class State:
 
     tensors: dict
     info: dict
+    # The run's history list that info["history"] copies (not saved): a later capture ``into`` this state
+    # copies only the rows appended to that list since (rows are never changed once appended).
+    history_of: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def position(self) -> dict:
@@ -64,7 +67,7 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
         "micro": plan.micro,
         "eval_chunk": plan.eval_chunk,
         "oom_retries": [dict(r) for r in plan.guard.retries],
-        "history": [dict(row) for row in result.history],
+        "history": _history(result.history, into),
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "member_best": [list(result.member_best_epochs), list(result.member_best_val_losses)],  # an ensemble's
@@ -84,7 +87,16 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
         live["perm"] = perm
     if total is not None:
         live["total"] = total
-    return State({**_copied(live, into, unchanged), **fresh}, info)
+    return State({**_copied(live, into, unchanged), **fresh}, info, result.history)
+
+
+def _history(history: list, into: State | None) -> list:
+    """Copies of the history's rows: only of those appended since ``into`` was taken from the same list (a
+    restore replaces the list), so that an epoch's end does not copy every earlier epoch's row again."""
+    if into is None or into.history_of is not history or len(into.info["history"]) > len(history):
+        return [dict(row) for row in history]
+    kept = into.info["history"]
+    return [*kept, *(dict(row) for row in history[len(kept):])]
 
 
 def _copied(live: dict, into: State | None, unchanged) -> dict:
