@@ -1144,7 +1144,8 @@ class _MemberViews:
         targets, sources = [best[k] for k in live], list(live.values())
         if not (_same_objects(self._of[0], targets) and _same_objects(self._of[1], sources)):
             self._of = (targets, sources)
-            self._rows = [([t[k] for t in targets], [s[k] for s in sources]) for k in range(len(sources[0]))]
+            with torch.no_grad():  # views to copy from and into, not parts of any graph
+                self._rows = [([t[k] for t in targets], [s[k] for s in sources]) for k in range(len(sources[0]))]
         return ([t for k in members for t in self._rows[k][0]], [s for k in members for s in self._rows[k][1]])
 
 
