@@ -240,11 +240,16 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     default = None if exhaustive else _default_trial(trials, config, problem, n_train)
     contenders = [t for t in trials if t is not default]
     budgets = _budgets(len(contenders), exhaustive)
-    reporter.log(f"sweep of {len(trials)} configurations on {problem.source}, {len(problem.X)} samples: "
-                 + ("every configuration with the full budget" if exhaustive else
-                    (f"#{default.index + 1}, the default, in full first; then " if default is not None else "")
-                    + f"successive halving in {len(budgets)} rung(s) ({' → '.join(str(n) for n, _ in budgets)} "
-                    f"configurations, 1/{ETA ** (len(budgets) - 1)} of the budget first)"))
+    if exhaustive:
+        plan = "every configuration with the full budget"
+    elif len(budgets) == 1:
+        plan = f"#{contenders[0].index + 1} with the full budget"
+    else:
+        plan = (f"successive halving in {len(budgets)} rungs ({' → '.join(str(n) for n, _ in budgets)} "
+                f"configurations, 1/{ETA ** (len(budgets) - 1)} of the budget first)")
+    if default is not None:
+        plan = f"#{default.index + 1}, the default, in full first; then {plan}"
+    reporter.log(f"sweep of {len(trials)} configurations on {problem.source}, {len(problem.X)} samples: {plan}")
     ctx = devices.init_context(config)
     rungs = []
     final = len(budgets) - 1
@@ -252,7 +257,7 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     try:
         if default is not None:  # an ordinary run: the sweep's time budget is the only limit it gets
             seconds = max(_left(config, started), 1e-3) if config.time_budget else None
-            _train_trial(default, final, 1.0, seconds, problem, n_train, ctx, reporter)
+            _train_trial(default, final, 1.0, seconds, problem, n_train, ctx, reporter, label="the default")
         work = [keep * fraction for keep, fraction in budgets]  # in full runs' epochs
         alive = contenders
         for rung, (keep, fraction) in enumerate(budgets):
@@ -337,7 +342,7 @@ def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:
 
 
 def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None, problem, n_train: int, ctx,
-                 reporter) -> None:
+                 reporter, label: str = "") -> None:
     """Train one configuration from the start with ``fraction`` of its full epochs, for at most ``seconds``."""
     from nnfit import api
     from nnfit.progress import Reporter
@@ -370,7 +375,7 @@ def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None
         fitted.config = fitted.config.replace(quiet=config.quiet, plots=config.plots)
     lr = "auto" if config.lr is None else f"{config.lr:g}"
     outcome = f"validation loss {trial.val_loss:.3e}" if fitted is not None else "diverged"
-    reporter.log(f"  rung {rung + 1}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
+    reporter.log(f"  {label or f'rung {rung + 1}'}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
                  f"{config.activation}, {epochs or full.epochs} epochs: {outcome} "
                  f"({time.perf_counter() - started:.1f} s)")
 
