@@ -311,7 +311,7 @@ def free_cores(window: float = LOAD_WINDOW) -> float | None:
     now = os.times()
     mine = (now.user + now.system - own.user - own.system) * os.sysconf("SC_CLK_TCK")
     busy, total = max(0.0, after[0] - before[0] - mine), after[1] - before[1]
-    return len(cpus) * (1 - busy / total)
+    return len(cpus) * max(0.0, 1 - busy / total)  # busy can round to a hair above total on a full machine
 
 
 def cpu_threads(asked: int | None, small: bool, ctx: Context) -> tuple[int | None, str]:
