@@ -561,34 +561,35 @@ K = 3
 
 
 def _stacked_run(kind, graph: bool, grad_clip=None, member_lr=None, micro=None, unfreeze_after=None, epochs=3,
-                 size=32):
+                 size=32, device="cpu"):
     """Train a StackedMLP of K members with the loop's pieces (make_optimizer, Schedule, StepPlan) for
     ``epochs`` over 100 rows, each member in its own order: the eager step, or the graphed one on the
-    stand-in. ``unfreeze_after``: l1 starts frozen and joins as a new parameter group after that many
+    stand-in (on CUDA: the real graph). ``unfreeze_after``: l1 starts frozen and joins as a new parameter group after that many
     steps, as --unfreeze-at does. Returns the model, the (K,) losses of every step and the step."""
     from nnfit import devices
     from nnfit import train as T
 
-    cpu = torch.device("cpu")
-    model = StackedMLP(K, 2, 1, (16, 16), "tanh").init_members(range(K))
+    dev = torch.device(device)
+    model = StackedMLP(K, 2, 1, (16, 16), "tanh").init_members(range(K)).to(dev)
     if unfreeze_after is not None:
         model.l1.weight.requires_grad_(False), model.l1.bias.requires_grad_(False)
     lr = 0.05 if kind == "sgd" else 3e-3
     recipe = T.Recipe(kind, lr, size, epochs, "cosine" if kind == "sgd" else "onecycle", 20)
     settings = SimpleNamespace(momentum=0.9, weight_decay=1e-2 if kind == "adamw" else 1e-4)
     optimizer = T.make_optimizer([p for p in model.parameters() if p.requires_grad], recipe, settings)
-    plan = T.StepPlan(devices.Context(device=cpu), cpu, devices.MemoryGuard(1, lambda m: None), micro=micro,
-                      members=K, member_lr=None if member_lr is None else torch.tensor(member_lr))
+    plan = T.StepPlan(devices.Context(device=dev), dev, devices.MemoryGuard(1, lambda m: None), micro=micro,
+                      members=K, member_lr=None if member_lr is None else torch.tensor(member_lr, device=dev))
     eager = T.EagerStep(model, optimizer, plan, grad_clip)
     logs = []
     step = graphed.GraphedStep(model, optimizer, plan, _config(grad_clip), eager, log=logs.append,
-                               graph_factory=graphed.EagerGraph, loss=T._mse) if graph else eager
-    X, Y = _data()
+                               graph_factory=graphed.EagerGraph if device == "cpu" else graphed.CudaGraph,
+                               loss=T._mse) if graph else eager
+    X, Y = _data(device=device)
     g = torch.Generator().manual_seed(2)
     schedule = T.Schedule.of(recipe, -(-100 // size))
     losses, count = [], 0
     for _ in range(epochs):
-        perm = torch.stack([torch.randperm(100, generator=g) for _ in range(K)])  # each member its own order
+        perm = torch.stack([torch.randperm(100, generator=g) for _ in range(K)]).to(dev)  # each member its order
         Xe, Ye = X[perm], Y[perm]
         for i in range(0, 100, size):
             if count == unfreeze_after:
@@ -717,3 +718,28 @@ def test_the_loop_trains_an_ensemble_with_the_graphed_step_as_with_the_eager_one
     assert any("captured as a CUDA graph (batch 32, 3 ensemble members)" in m for m in graph_logs), graph_logs
     assert not any("captured" in m for m in eager_logs)
     _assert_same(graph_model, eager_model, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("kind, grad_clip, member_lr", [("adam", 0.05, (1.0, 0.25, 3.0)), ("sgd", None, None)])
+def test_cuda_ensemble_graph_gives_the_eager_steps_numbers(kind, grad_clip, member_lr):
+    eager = _stacked_run(kind, False, grad_clip, member_lr, device="cuda")
+    replayed = _stacked_run(kind, True, grad_clip, member_lr, device="cuda")
+    assert replayed.step.failed is None and len(replayed.step.captures) == 1, replayed.logs
+    _stacked_close(eager, replayed)
+
+
+@cuda
+@needs_gpu
+def test_cuda_fit_of_an_ensemble_captures_its_step_and_learns_as_the_eager_one(capsys):
+    import nnfit
+
+    common = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=400, plots=False, seed=3, device="cuda",
+                  optimizer="adam", batch_size=32, epochs=6, ensemble=4, hidden=(32, 32))
+    graph = nnfit.fit(**common)
+    err = capsys.readouterr().err
+    assert "training step captured as a CUDA graph (batch 32, 4 ensemble members)" in err, err
+    eager = nnfit.fit(**common, cuda_graph="off")
+    a, b = graph.summary["test"]["mse"], eager.summary["test"]["mse"]
+    assert a == pytest.approx(b, rel=0.2), (a, b)
