@@ -743,3 +743,78 @@ def test_cuda_fit_of_an_ensemble_captures_its_step_and_learns_as_the_eager_one(c
     eager = nnfit.fit(**common, cuda_graph="off")
     a, b = graph.summary["test"]["mse"], eager.summary["test"]["mse"]
     assert a == pytest.approx(b, rel=0.2), (a, b)
+
+
+def _train_ensemble(config, **kw):
+    """train() of a K = 3 ensemble on 120 rows of x**2 + x (batches of 32: three and a ragged 24 per
+    epoch); returns the model, the result and the run's log lines."""
+    from nnfit.model import build_mlp
+    from nnfit.progress import Reporter
+    from nnfit.train import TrainData, train
+
+    torch.manual_seed(0)
+    x = torch.rand(150, 1)
+    data = TrainData(x[:120], x[:120] ** 2 + x[:120], x[120:], x[120:] ** 2 + x[120:])
+    logs = []
+    reporter = Reporter(quiet=True)
+    reporter.log = logs.append
+    model = build_mlp(1, 1, config)
+    result = train(model, data, config, reporter, **kw)
+    return model, result, logs
+
+
+def _ensemble_config(**kw):
+    from nnfit.config import Config
+
+    return Config(**{**dict(optimizer="adam", lr=3e-3, batch_size=32, epochs=3, schedule="onecycle", ensemble=K,
+                            hidden=(16, 16), patience=100), **kw})
+
+
+def test_an_out_of_memory_capture_of_an_ensemble_halves_the_batch_and_captures_again(graphed_on_cpu, monkeypatch):
+    class OutOfMemoryOnce(graphed.EagerGraph):
+        failed = []
+
+        def capture(self, fn):
+            if not self.failed:
+                self.failed.append(1)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().capture(fn)
+
+    monkeypatch.setattr(graphed, "CudaGraph", OutOfMemoryOnce)
+    model, result, logs = _train_ensemble(_ensemble_config(), member_lrs=[3e-3, 1e-3, 1e-2])
+    assert [(r["from"], r["to"]) for r in result.oom_retries] == [(32, 16)], result.oom_retries
+    captured = [m for m in logs if "captured as a CUDA graph" in m]
+    assert len(captured) == 1 and "(batch 32 in chunks of 16, 3 ensemble members)" in captured[0], logs
+    eager, _, _ = _train_ensemble(_ensemble_config(cuda_graph="off"), member_lrs=[3e-3, 1e-3, 1e-2])
+    _assert_same(model, eager, rtol=1e-4, atol=1e-5)  # chunks of 16 in the graph: the whole batch's steps
+
+
+def test_a_rollback_in_an_ensemble_captures_the_step_again(graphed_on_cpu, monkeypatch):
+    from nnfit import train as train_module
+
+    real, calls = train_module.make_step, [0]
+
+    def make_step(model, optimizer, plan, config):
+        inner = real(model, optimizer, plan, config)
+        assert isinstance(inner, graphed.GraphedStep)
+
+        class Poisoned:
+            invalidate = inner.invalidate
+
+            def __call__(self, xb, yb):
+                calls[0] += 1
+                loss = inner(xb, yb)
+                if calls[0] == 10:  # epoch 3's second step: inside the replayed graph's weights
+                    with torch.no_grad():
+                        model.l1.weight[1].fill_(float("nan"))  # member 1 only
+                return loss
+
+        return Poisoned()
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    model, result, logs = _train_ensemble(_ensemble_config(epochs=4))
+    assert result.rollbacks and result.rollbacks[0]["epoch"] == 3, logs
+    captured = [m for m in logs if "captured as a CUDA graph (batch 32, 3 ensemble members)" in m]
+    assert len(captured) == 2, logs  # the first capture, and one over the restored optimizer state
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert len(result.history) == 4
