@@ -31,8 +31,10 @@ from _common import fmt_e, load_report, machine, table  # noqa: E402
 WEIGHTS = 1 * 100 + 100 + 100 * 100 + 100 + 100 * 1 + 1  # the tutorial network's parameters
 
 
-def train_seconds(members: int, batch: int, epochs: int, n: int, device: str, lines: list) -> float:
-    """nnfit's own training seconds for fixed epochs; the run's lines about its step go to ``lines``."""
+def train_seconds(members: int, batch: int, epochs: int, n: int, device: str,
+                  lines: list) -> tuple[float, int | None]:
+    """nnfit's own training seconds for K = ``members`` (after a warm-up run), and the CPU threads it chose;
+    the run's lines about its step (captured as a CUDA graph or not) go to ``lines``."""
     import numpy as np
     import pandas as pd
 
@@ -49,7 +51,8 @@ def train_seconds(members: int, batch: int, epochs: int, n: int, device: str, li
     common = dict(data=frame, target="y", optimizer="adam", batch_size=batch, val_split=0.0, patience=10 ** 6,
                   hidden=(100, 100), quiet=True, plots=False, ensemble=members, device=device)
     nnfit.fit(epochs=1, **common)  # warm-up
-    return nnfit.fit(epochs=epochs, reporter=Keep(quiet=True), **common).summary["train_seconds"]
+    summary = nnfit.fit(epochs=epochs, reporter=Keep(quiet=True), **common).summary
+    return summary["train_seconds"], summary.get("threads")
 
 
 def matmul_gflops(device: str) -> float:
@@ -79,8 +82,8 @@ def speed(quick: bool) -> None:
     for device, batch in cases:
         rows_n = n if device == "cpu" or quick else 1 << 20  # a GPU epoch of 16k rows is 16 steps: too few
         lines: dict = {1: [], 8: []}
-        one = train_seconds(1, batch, epochs, rows_n, device, lines[1])
-        eight = train_seconds(8, batch, epochs, rows_n, device, lines[8])
+        (one, one_threads), (eight, eight_threads) = (train_seconds(k, batch, epochs, rows_n, device, lines[k])
+                                                      for k in (1, 8))
         if device != "cpu":
             notes += [f"{device}, batch {batch}, {k} member(s): {line}" for k in (1, 8) for line in lines[k][:1]]
             notes += [f"{device}, batch {batch}, {k} member(s): the step was NOT captured" for k in (1, 8)
@@ -88,9 +91,10 @@ def speed(quick: bool) -> None:
         rate = rows_n * epochs / eight
         peak = matmul_gflops(device)
         target = {("cpu", 64): "<= 2x", ("cuda", 1024): "<= 1.3x"}.get((device, batch), "none (compute-bound)")
-        rows.append([device, batch, f"{one:.2f} s", f"{eight:.2f} s", f"{eight / one:.2f}x", target,
+        threads = "" if device != "cpu" else f" ({one_threads} / {eight_threads})"
+        rows.append([f"{device}{threads}", batch, f"{one:.2f} s", f"{eight:.2f} s", f"{eight / one:.2f}x", target,
                      f"{6 * WEIGHTS * rate * 8 / 1e9:.1f}", f"{peak:.0f}"])
-    print(table(["device", "batch", "1 member", "8 members", "8 / 1", "target", "8 members GFLOP/s",
+    print(table(["device (threads: 1 / 8 members)", "batch", "1 member", "8 members", "8 / 1", "target", "8 members GFLOP/s",
                  "2048^2 matmul GFLOP/s"], rows,
                 f"K = 8 stacked members vs one, 1 -> 100 -> 100 -> 1 tanh, Adam, {epochs} epochs of {n} samples"
                 + (" (on the GPU: 1048576)" if len(cases) > 2 and not quick else "")))
