@@ -15,8 +15,8 @@ rollback). The ragged last batch of an epoch and the warm-up steps before a capt
 the graph's own math, so that where a capture happened does not change the numbers.
 
 An ensemble (``--ensemble K``, a ``model.StackedMLP``) is captured the same way: its batches are
-(K, b, d), one slice per member of each member's own order, the loss is a (K,) vector whose sum is
-the backward's (the members are independent), clipping is the eager step's (one norm over every
+(K, b, d), each member's slice of its own order, the loss is a (K,) vector and the backward is that of
+its sum (the members are independent), clipping is the eager step's (one norm over every
 member's gradients), and each member's learning rate (``plan.member_lr``) is a factor inside the
 captured update itself. The captured ensemble step has been tested only on the CPU through
 ``EagerGraph``; it has never run on a real GPU (scripts/gpu_check.sh will run it there).
@@ -231,7 +231,8 @@ class GraphedStep:
             loss = self.loss_fn(out.to(yb.dtype), yb)
             if size < n:
                 loss = loss * (xb.shape[-2] / n)
-            (loss.sum() if loss.dim() else loss).backward()  # an ensemble's members are independent: the sum
+            # An ensemble's members are independent: the gradient of their losses' sum is each member's own.
+            (loss.sum() if loss.dim() else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip, foreach=True)
