@@ -145,18 +145,23 @@ def test_lbfgs_trains_an_ensemble_as_one_closure():
     assert model.summary["test"]["mse"] < 1e-3
 
 
-def test_killed_ensemble_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+# 6 steps per epoch. Killed at step 13 with a state every 5 steps: the last state is step 10's; killed at
+# step 11 with one every 4: step 8's, in the middle of epoch 2, with each member's permutation and loss.
+@pytest.mark.parametrize("every, kill", [("5", "13"), ("4", "11")])
+def test_killed_ensemble_run_resumes_to_identical_weights(tmp_path, monkeypatch, every, kill):
     class Killed(BaseException):
         pass
 
     args = ["train", "--samples", "200", "--hidden", "16,16", "--ensemble", "3", "--optimizer", "adam",
-            "--batch-size", "32", "--epochs", "4", "--checkpoint-every", "5", "--no-plots", "--quiet"]
+            "--batch-size", "32", "--epochs", "4", "--checkpoint-every", every, "--no-plots", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:13")
+    monkeypatch.setenv("NNFIT_FAULT", f"kill-at-step:{kill}")
     monkeypatch.setattr(devices, "kill_self", lambda: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         main([*args, "--out", str(tmp_path / "killed")])
     monkeypatch.delenv("NNFIT_FAULT")
+    position = json.loads((tmp_path / "killed" / "state.json").read_text())["position"]
+    assert position["finished"] == (kill == "13")
     assert main(["resume", str(tmp_path / "killed"), "--quiet"]) == 0
     assert stacked_weights(tmp_path / "killed") == stacked_weights(tmp_path / "whole")
 

@@ -784,7 +784,7 @@ def make_step(model, optimizer, plan: "StepPlan", config):
     eager = EagerStep(model, optimizer, plan, config.grad_clip)
     why = graphed.why_eager(optimizer, plan, config)
     if why is None:
-        return graphed.GraphedStep(model, optimizer, plan, config, eager, log=plan.guard.log)
+        return graphed.GraphedStep(model, optimizer, plan, config, eager, log=plan.guard.log, loss=_mse)
     if plan.device.type == "cuda" and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS captures its closure
         plan.note(f"training step: eager, not a CUDA graph ({why})")
     return eager
