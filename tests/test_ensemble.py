@@ -131,6 +131,25 @@ def test_member_learning_rates_scale_each_members_step_exactly():
               member_lrs=[0.1, 0.2, 0.3])
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_grad_clip_clips_each_member_as_if_it_trained_alone(optimizer):
+    """--grad-clip takes each member's own gradient norm: member k of an ensemble ends where the single
+    network of its seed ends. (One norm over all members would tie a member's step to the others'.)"""
+    torch.manual_seed(0)
+    x = torch.rand(64, 1)
+    data = TrainData(x, x ** 2 + x, x[:0], x[:0] ** 2)
+    config = Config(optimizer=optimizer, momentum=0.0, lr=0.1, batch_size=64, epochs=3, schedule="none",
+                    grad_clip=0.01, patience=100, hidden=(8,))
+    stacked = build_mlp(1, 1, config.replace(ensemble=2))
+    train(stacked, data, config.replace(ensemble=2), Reporter(quiet=True))
+    for k in range(2):
+        torch.manual_seed(k)
+        alone = MLP(1, 1, (8,))
+        train(alone, data, config, Reporter(quiet=True))
+        for name, tensor in stacked.state_dict().items():
+            torch.testing.assert_close(tensor[k], alone.state_dict()[name], rtol=0, atol=1e-6)
+
+
 def test_freezing_and_lr_for_apply_to_every_member():
     model = nnfit.fit(ensemble=3, freeze=["l1"], lr_for={"l3": 1e-2}, epochs=3, **ADAM, **SMALL)
     start = build_mlp(1, 1, Config(ensemble=3, hidden=(16, 16))).to(model.device)

@@ -16,8 +16,8 @@ the graph's own math, so that where a capture happened does not change the numbe
 
 An ensemble (``--ensemble K``, a ``model.StackedMLP``) is captured the same way: its batches are
 (K, b, d), each member's slice of its own order, the loss is a (K,) vector and the backward is that of
-its sum (the members are independent), clipping is the eager step's (one norm over every
-member's gradients), and each member's learning rate (``plan.member_lr``) is a factor inside the
+its sum (the members are independent), clipping is the eager step's (each member's own norm,
+``model.clip_grad_norm_``), and each member's learning rate (``plan.member_lr``) is a factor inside the
 captured update itself. The captured ensemble step has been tested only on the CPU through
 ``EagerGraph``; it has never run on a real GPU (scripts/gpu_check.sh will run it there).
 
@@ -41,6 +41,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from nnfit.model import clip_grad_norm_
 
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture: lazy state (optimizer, cuBLAS) is made there
 GRAPHED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
@@ -235,7 +237,7 @@ class GraphedStep:
             (loss.sum() if loss.dim() else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip, foreach=True)
+            clip_grad_norm_(self._params(), self.grad_clip, plan.members)
         update()
         return total
 

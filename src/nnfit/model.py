@@ -119,6 +119,22 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
     return MLP(n_inputs, n_outputs, config.hidden, config.activation)
 
 
+def clip_grad_norm_(params, max_norm: float, members: int = 1) -> None:
+    """Clip the gradients' norm to ``max_norm``: over all ``params`` together, or with ``members`` > 1 (a
+    StackedMLP's parameters, member axis first) each member's norm over its own slices, so that a member
+    is clipped exactly as it would be trained alone. No host sync: CUDA-graph capturable."""
+    if members == 1:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([g.reshape(members, -1).float().square().sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ coefficient, per member
+    for g in grads:
+        g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+
+
 def members(model: nn.Module) -> int:
     """How many networks ``model`` stacks: K for a StackedMLP, 1 for anything else."""
     return getattr(model, "members", 1) if isinstance(model, StackedMLP) else 1

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nnfit import devices, freeze, graphed, trainstate
+from nnfit.model import clip_grad_norm_
 from nnfit.model import members as count_members
 from nnfit.errors import NnfitError, TrainingDiverged
 from nnfit.errors import setting as S
@@ -816,7 +817,7 @@ class EagerStep:
         if plan.scaler is not None:
             plan.scaler.unscale_(optimizer)  # clip and step on the true gradients
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(_all_params(optimizer), self.grad_clip, foreach=True)
+            clip_grad_norm_(_all_params(optimizer), self.grad_clip, plan.members)
         before = _copies(optimizer) if plan.member_lr is not None else None
         if plan.scaler is not None:
             plan.scaler.step(optimizer)
