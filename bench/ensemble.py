@@ -29,7 +29,8 @@ from _common import fmt_e, load_report, machine, table  # noqa: E402
 WEIGHTS = 1 * 100 + 100 + 100 * 100 + 100 + 100 * 1 + 1  # the tutorial network's parameters
 
 
-def train_seconds(members: int, batch: int, epochs: int, n: int, device: str) -> float:
+def train_seconds(members: int, batch: int, epochs: int, n: int, device: str) -> tuple[float, int | None]:
+    """nnfit's own training seconds for K = ``members`` (after a warm-up run), and the CPU threads it chose."""
     import numpy as np
     import pandas as pd
 
@@ -40,7 +41,8 @@ def train_seconds(members: int, batch: int, epochs: int, n: int, device: str) ->
     common = dict(data=frame, target="y", optimizer="adam", batch_size=batch, val_split=0.0, patience=10 ** 6,
                   hidden=(100, 100), quiet=True, plots=False, ensemble=members, device=device)
     nnfit.fit(epochs=1, **common)  # warm-up
-    return nnfit.fit(epochs=epochs, **common).summary["train_seconds"]
+    summary = nnfit.fit(epochs=epochs, **common).summary
+    return summary["train_seconds"], summary.get("threads")
 
 
 def matmul_gflops(device: str) -> float:
@@ -68,14 +70,14 @@ def speed(quick: bool) -> None:
     cases = [("cpu", 64), ("cpu", 1024)] + ([("cuda", 1024)] if torch.cuda.is_available() else [])
     rows = []
     for device, batch in cases:
-        one = train_seconds(1, batch, epochs, n, device)
-        eight = train_seconds(8, batch, epochs, n, device)
+        (one, one_threads), (eight, eight_threads) = (train_seconds(k, batch, epochs, n, device) for k in (1, 8))
         rate = n * epochs / eight
         peak = matmul_gflops(device)
         target = {("cpu", 64): "<= 2x", ("cuda", 1024): "<= 1.3x"}.get((device, batch), "none (compute-bound)")
-        rows.append([device, batch, f"{one:.2f} s", f"{eight:.2f} s", f"{eight / one:.2f}x", target,
+        threads = "" if device != "cpu" else f" ({one_threads} / {eight_threads})"
+        rows.append([f"{device}{threads}", batch, f"{one:.2f} s", f"{eight:.2f} s", f"{eight / one:.2f}x", target,
                      f"{6 * WEIGHTS * rate * 8 / 1e9:.1f}", f"{peak:.0f}"])
-    print(table(["device", "batch", "1 member", "8 members", "8 / 1", "target", "8 members GFLOP/s",
+    print(table(["device (threads: 1 / 8 members)", "batch", "1 member", "8 members", "8 / 1", "target", "8 members GFLOP/s",
                  "2048^2 matmul GFLOP/s"], rows,
                 f"K = 8 stacked members vs one, 1 -> 100 -> 100 -> 1 tanh, Adam, {epochs} epochs of {n} samples"))
 

@@ -33,3 +33,15 @@ def test_ensemble_bench_quick_prints_its_tables():
     assert len(speed) == 2 and all(line.split("|")[5].strip().endswith("x") for line in speed), out
     spread = [line for line in out.splitlines() if line.startswith(("| x**2 + x ", "| sin(3*x)*exp(-x) "))]
     assert len(spread) == 2 and all(line.split("|")[7].strip().endswith("x") for line in spread), out
+
+
+def test_threads_bench_quick_prints_one_row_per_case_with_nnfits_choice():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "threads.py"), "--quick"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 1 ")]
+    assert len(rows) == 3, proc.stdout
+    # The tutorial network at batch 64 is below the one-thread limit, at batch 256 above it; the demo's
+    # full-batch L-BFGS (900 rows) keeps one thread.
+    assert [row[-1].strip() for row in rows] == ["1", "free cores", "1"], proc.stdout
+    assert all(row[3].strip().endswith("µs") and row[4].strip().endswith("µs") for row in rows), proc.stdout

@@ -449,6 +449,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["data"] = data_line.removeprefix("data: ")
     summary["final_batch_size"] = result.batch_size_final
     summary["oom_retries"] = result.oom_retries
+    if result.threads is not None:
+        summary["threads"] = result.threads
     summary["peak_memory"] = devices.peak_memory(ctx)  # a collective under DDP: every rank gets here
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}

@@ -269,7 +269,7 @@ SUMMARY_SCHEMA = record({}, {  # descriptive: what a newer nnfit adds is ignored
     "epochs": integer(0), "best_epoch": optional(integer(0)), "stopped": optional(text()),
     "train_seconds": number(0), "total_seconds": number(0), "parameters": integer(0),
     "validation": optional(metrics), "test": optional(metrics), "test_samples": integer(1),
-    "frozen": text(), "world_size": integer(1), "precision": text(), "device": text(),
+    "frozen": text(), "world_size": integer(1), "precision": text(), "device": text(), "threads": integer(1),
     "parameter_table": items(record({"name": text(nonempty=True), "shape": items(integer(0, MAX_WIDTH), 0, 64),
                                      "numel": integer(0), "trainable": boolean,
                                      "grad_norm": optional(number(finite=False)),

@@ -31,9 +31,13 @@ LBFGS_ITERATIONS_PER_EPOCH = 20
 LBFGS_HISTORY = 50  # the curvature pairs L-BFGS keeps
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
 DEFAULT_STEPS = 20_000  # Adam/SGD steps when --epochs is not given
-# Rows per forward pass x parameters below which one CPU thread trains faster than several: the
-# matmuls are too small to split, and on a busy machine the threads' barriers cost up to 100x (docs/benchmarks.md).
-ONE_THREAD_MAX_WORK = 2e7
+# Rows per forward pass x parameters up to which one CPU thread trains about as fast as two on a quiet
+# machine (the matmuls are too small to split), while on a busy one the threads' barriers cost up to 100x.
+# Above it the thread count follows the cores that are free (devices.cpu_threads). A full-batch L-BFGS
+# iteration gains less from a second thread (10 % for the tutorial's 900 rows, 9e6, against 1.5x for an
+# Adam step of 1e7), and one thread keeps the demo's numbers the same on every machine: `python bench/threads.py`.
+ONE_THREAD_MAX_WORK = 1e6
+ONE_THREAD_MAX_WORK_LBFGS = 2e7
 MAX_ROLLBACKS = 3  # retries, each with half the learning rate, after a non-finite loss
 
 
@@ -219,6 +223,7 @@ class TrainResult:
     moved: dict[str, float] = field(default_factory=dict)  # L2 norm of (final - start) per parameter
     batch_size_final: int = 0  # rows per forward pass at the end (per rank); smaller than the batch after an OOM
     oom_retries: list[dict] = field(default_factory=list)  # one entry per halving after an out-of-memory error
+    threads: int | None = None  # torch's CPU threads during training (None: not a CPU run)
     rollbacks: list[dict] = field(default_factory=list)  # one entry per rollback after a non-finite loss
     # An ensemble's members each keep their own best epoch; best_epoch is then the latest of them, and
     # best_val_loss the mean of their best validation losses (train/val losses in history: member means).
@@ -239,7 +244,8 @@ def _restoring_threads(fn):
 
 
 def _use_threads(config, recipe: Recipe, n_params: int, ctx, reporter) -> None:
-    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= ONE_THREAD_MAX_WORK, ctx)
+    limit = ONE_THREAD_MAX_WORK_LBFGS if recipe.optimizer == "lbfgs" else ONE_THREAD_MAX_WORK
+    threads, line = devices.cpu_threads(config.threads, recipe.batch_size * n_params <= limit, ctx)
     if threads:
         torch.set_num_threads(threads)
     if line:
@@ -268,7 +274,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     plan = StepPlan.build(config, ctx, data, reporter, count_members(freeze.unwrap(model)))
     plan.member_lr = _member_lr(member_lrs, recipe, plan, model)
     plan.guard.estimate = memory_estimate(model, config, recipe, n_train, ctx.world_size)  # for an OOM's message
-    result = TrainResult(recipe)
+    result = TrainResult(recipe, threads=torch.get_num_threads() if ctx.device.type == "cpu" else None)
     run = Run(model, recipe, config, ctx, plan, saver, result, unfreeze, Schedule.of(recipe, steps_per_epoch))
     # Early stopping waits for the last scheduled unfreeze: the run was asked to train those parameters.
     stop = StopRules(recipe, config, patience_from=max(unfreeze, default=1) - 1, distributed=ctx.distributed)
