@@ -183,3 +183,30 @@ def test_the_estimate_counts_the_copies_the_loop_keeps_alive(monkeypatch):
     assert len(peaks) == 2
     kept = max(peaks) - before + weights  # the weights were alive before: they are one of the copies
     assert kept == pytest.approx(estimate.members * estimate.state, rel=0.02)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_refuses_too_many_members_under_a_real_memory_cap(monkeypatch):
+    """The check reads the GPU's own free memory, within this process's cap (the value it saw is recorded,
+    not mocked), and names the most members that fit in it."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    seen = []
+    real = devices.memory_of
+    monkeypatch.setattr(devices, "memory_of", lambda device: seen.append(real(device)) or seen[-1])
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 64 * 2**20) / total)
+    try:
+        with pytest.raises(NnfitError) as caught:
+            nnfit.fit(ensemble=64, hidden=(256, 256), **{**RUN, "device": "cuda"})
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    free = seen[0][0]
+    assert free <= 64 * 2**20
+    estimate = training_memory(1, 1, (256, 256), 64, 4, moments=2, batch=64, rows=TRAIN_ROWS)
+    largest = estimate.largest(free)
+    assert 1 <= largest < 64
+    assert "on cuda:0" in str(caught.value) and f"pass ensemble={largest}" in str(caught.value)

@@ -109,10 +109,11 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
     members = getattr(config, "ensemble", 1)
     # Checked before allocating, in host memory (where the network is built), by the estimate the training
     # loop checks again on its device: here without the batch and the data, with Adam's two moments.
-    estimate = training_memory(n_inputs, n_outputs, config.hidden, members, torch.finfo(getattr(torch, config.dtype)).bits // 8,
-                               moments=2, batch=1, rows=0)
+    size = torch.finfo(getattr(torch, config.dtype)).bits // 8
+    estimate = training_memory(n_inputs, n_outputs, config.hidden, members, size, moments=2, batch=1, rows=0)
     asked = f" with {S('ensemble', members)}" if members > 1 else ""
-    fits = "" if members == 1 else f" (the most that fit: {S('ensemble', estimate.largest(devices.free_host_memory()))})"
+    most = estimate.largest(devices.free_host_memory())
+    fits = "" if members == 1 else f" (the most that fit: {S('ensemble', most)})"
     devices.check_fits_in_memory(estimate.total(), f"{S('hidden', ','.join(map(str, config.hidden)))}{asked} makes a "
                                  f"network of {members * estimate.parameters:,} parameters, which in {estimate.copies}",
                                  f"use smaller widths{' or fewer members' if members > 1 else ''}{fits}")

@@ -121,8 +121,9 @@ def make_optimizer(params, recipe: Recipe, config) -> torch.optim.Optimizer:
         group["base_lr"] = group["lr"]
         groups.append(group)
     if recipe.optimizer == "lbfgs":
-        return torch.optim.LBFGS(groups, lr=recipe.lr, max_iter=LBFGS_ITERATIONS_PER_EPOCH, history_size=LBFGS_HISTORY,
-                                 tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+        return torch.optim.LBFGS(groups, lr=recipe.lr, max_iter=LBFGS_ITERATIONS_PER_EPOCH,
+                                 history_size=LBFGS_HISTORY, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                 line_search_fn="strong_wolfe")
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, foreach=True)
