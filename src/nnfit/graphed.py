@@ -237,7 +237,7 @@ class GraphedStep:
             (loss.sum() if loss.dim() else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.grad_clip:
-            clip_grad_norm_(self._params(), self.grad_clip, plan.members)
+            clip_grad_norm_(self._params(), self.grad_clip, X.shape[0] if X.dim() == 3 else 1)
         update()
         return total
 
