@@ -1,6 +1,7 @@
 """The GPU issue's table in one run: training throughput of nnfit against a bare PyTorch loop, the same
-step captured by hand as one CUDA graph, and Lightning; a larger network in fp32 and bf16; and the time
-the tutorial exercise takes to reach a test MSE of 1e-7 on the GPU and on the CPU.
+step captured by hand as one CUDA graph, and Lightning; a larger network in fp32 and bf16; an ensemble
+of 8 tutorial networks against one (the ensembles issue's GPU target: <= 1.3x one member's time at batch
+1024); and the time the tutorial exercise takes to reach a test MSE of 1e-7 on the GPU and on the CPU.
 
     python bench/gpu.py                      # on a CUDA machine: about 2 minutes, prints markdown
     python bench/gpu.py --quick --device cpu # a smoke run of every code path on the CPU (not a measurement)
@@ -116,8 +117,10 @@ def _rate(epoch, seconds, dev):
     return rows / (time.perf_counter() - start)
 
 
-def nnfit_rate(X, Y, bs, hidden, seconds, dev, precision="32", log=None):
-    """nnfit.fit on the same data (a DataFrame, so the API's own loading and placement), fixed epochs."""
+def nnfit_rate(X, Y, bs, hidden, seconds, dev, precision="32", log=None, ensemble=1):
+    """nnfit.fit on the same data (a DataFrame, so the API's own loading and placement), fixed epochs.
+    With ``ensemble`` K > 1: K stacked members, each seeing every sample once per epoch (the rate counts
+    samples per member, so K members at one member's rate take one member's time)."""
     import pandas as pd
 
     import nnfit
@@ -126,7 +129,7 @@ def nnfit_rate(X, Y, bs, hidden, seconds, dev, precision="32", log=None):
     frame = pd.DataFrame({**cols, "y": Y[:, 0].cpu().numpy()})
     common = dict(data=frame, target="y", optimizer="adam", batch_size=bs, val_split=0.0, patience=10 ** 6,
                   hidden=tuple(hidden), activation="tanh", quiet=True, plots=False, device=str(dev),
-                  precision=precision)
+                  precision=precision, ensemble=ensemble)
     warm = nnfit.fit(epochs=1, **common)
     epochs = max(2, round(seconds / max(warm.summary["train_seconds"], 1e-4)))
     lines = []
@@ -310,6 +313,23 @@ def main():
     print(table(["precision", "bare slicing loop", "graphed reference", "nnfit", "nnfit / graphed"], big,
                 f"4 -> {'x'.join(str(w) for w in W4[1:-1])} -> 1 tanh, Adam, batch {bs4}, {n4:,} samples on {name}: "
                 "samples per second"))
+
+    # An ensemble of 8 tutorial networks (--ensemble 8: one stacked, captured step) against one member.
+    ens, rates = [], {}
+    bs_e = 1024
+    for members in (1, 8):
+        log = []
+        rates[members] = _attempt(lambda: nnfit_rate(X, Y, bs_e, W[1:-1], seconds, dev, log=log, ensemble=members),
+                                  notes, f"nnfit --ensemble {members}")
+        notes += [f"ensemble {members}: {line}" for line in log[:2]]
+        step = "captured" if any("captured as a CUDA graph" in line for line in log) else \
+            "eager" if any("not a CUDA graph" in line for line in log) else "-"
+        ratio = f"{rates[1] / rates[members]:.2f}x" if rates[1] and rates[members] else "-"
+        ens.append([members, _m(rates[members]), ratio, "<= 1.3x" if members == 8 and dev.type == "cuda" else "",
+                    step])
+        print(f"  ensemble {members}: nnfit {rates[members] or 0:,.0f} samples/s per member", flush=True)
+    print(table(["members", "nnfit samples/s (per member)", "time / one member's", "target", "step"], ens,
+                f"Ensemble: K stacked 1-100-100-1 tanh members, Adam, batch {bs_e}, {n:,} samples on {name}"))
 
     # The tutorial exercise, end to end, on this device and on the CPU.
     tut = []

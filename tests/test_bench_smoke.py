@@ -45,3 +45,19 @@ def test_threads_bench_quick_prints_one_row_per_case_with_nnfits_choice():
     # full-batch L-BFGS (900 rows) keeps one thread.
     assert [row[-1].strip() for row in rows] == ["1", "free cores", "1"], proc.stdout
     assert all(row[3].strip().endswith("µs") and row[4].strip().endswith("µs") for row in rows), proc.stdout
+
+
+def test_sweep_bench_quick_prints_both_sweeps_against_the_default_run():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--quick", "--device", "cpu",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    default = next(line for line in lines if line.startswith("| one default run")).split("|")[1:-1]
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| sweep: ")]
+    assert len(rows) == 2, proc.stdout
+    for cells in rows:
+        assert cells[1].strip() == "12" and float(cells[3]) > 0 and cells[6].strip() in ("yes", "no")
+        assert float(cells[7]) > 0
+    # The networks sweep lists the default configuration: its yardstick run is the timed default run itself.
+    assert rows[0][7] == default[4], proc.stdout

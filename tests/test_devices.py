@@ -1,5 +1,7 @@
 """Device strings, --devices and the DDP context, with the GPU count mocked (a table, like Lightning's)."""
 
+import os
+
 import pytest
 import torch
 
@@ -271,6 +273,29 @@ def test_free_cores_reads_proc_stat(monkeypatch, tmp_path):
     monkeypatch.setattr("builtins.open", fake_open)
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1})
     assert devices.free_cores(window=0) == pytest.approx(1.0)
+
+
+def test_free_cores_is_never_negative_on_a_full_machine(monkeypatch, tmp_path):
+    """Both cores busy the whole window, and this process's own CPU time read a hair back (float
+    rounding of os.times): the busy share comes out a hair above 1, and the answer must still be 0."""
+    readings = iter([
+        "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 0 0 0 0 0 0 0\ncpu1 100 0 0 0 0 0 0 0 0 0\n",
+        "cpu  0 0 0 0 0 0 0 0\ncpu0 105 0 0 0 0 0 0 0 0 0\ncpu1 105 0 0 0 0 0 0 0 0 0\n",
+    ])
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/stat":
+            target = tmp_path / "stat"
+            target.write_text(next(readings))
+            return real_open(target, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
+
+    times = iter([os.times_result((1.0, 0.0, 0.0, 0.0, 0.0)), os.times_result((1.0 - 1e-12, 0.0, 0.0, 0.0, 0.0))])
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(devices.os, "times", lambda: next(times))
+    assert devices.free_cores(window=0) == 0.0
 
 
 def test_free_cores_on_this_machine_is_between_none_and_all():

@@ -131,6 +131,25 @@ def test_member_learning_rates_scale_each_members_step_exactly():
               member_lrs=[0.1, 0.2, 0.3])
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_grad_clip_clips_each_member_as_if_it_trained_alone(optimizer):
+    """--grad-clip takes each member's own gradient norm: member k of an ensemble ends where the single
+    network of its seed ends. (One norm over all members would tie a member's step to the others'.)"""
+    torch.manual_seed(0)
+    x = torch.rand(64, 1)
+    data = TrainData(x, x ** 2 + x, x[:0], x[:0] ** 2)
+    config = Config(optimizer=optimizer, momentum=0.0, lr=0.1, batch_size=64, epochs=3, schedule="none",
+                    grad_clip=0.01, patience=100, hidden=(8,))
+    stacked = build_mlp(1, 1, config.replace(ensemble=2))
+    train(stacked, data, config.replace(ensemble=2), Reporter(quiet=True))
+    for k in range(2):
+        torch.manual_seed(k)
+        alone = MLP(1, 1, (8,))
+        train(alone, data, config, Reporter(quiet=True))
+        for name, tensor in stacked.state_dict().items():
+            torch.testing.assert_close(tensor[k], alone.state_dict()[name], rtol=0, atol=1e-6)
+
+
 def test_freezing_and_lr_for_apply_to_every_member():
     model = nnfit.fit(ensemble=3, freeze=["l1"], lr_for={"l3": 1e-2}, epochs=3, **ADAM, **SMALL)
     start = build_mlp(1, 1, Config(ensemble=3, hidden=(16, 16))).to(model.device)
@@ -145,18 +164,23 @@ def test_lbfgs_trains_an_ensemble_as_one_closure():
     assert model.summary["test"]["mse"] < 1e-3
 
 
-def test_killed_ensemble_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+# 6 steps per epoch. Killed at step 13 with a state every 5 steps: the last state is step 10's; killed at
+# step 11 with one every 4: step 8's, in the middle of epoch 2, with each member's permutation and loss.
+@pytest.mark.parametrize("every, kill", [("5", "13"), ("4", "11")])
+def test_killed_ensemble_run_resumes_to_identical_weights(tmp_path, monkeypatch, every, kill):
     class Killed(BaseException):
         pass
 
     args = ["train", "--samples", "200", "--hidden", "16,16", "--ensemble", "3", "--optimizer", "adam",
-            "--batch-size", "32", "--epochs", "4", "--checkpoint-every", "5", "--no-plots", "--quiet"]
+            "--batch-size", "32", "--epochs", "4", "--checkpoint-every", every, "--no-plots", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:13")
+    monkeypatch.setenv("NNFIT_FAULT", f"kill-at-step:{kill}")
     monkeypatch.setattr(devices, "kill_self", lambda: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         main([*args, "--out", str(tmp_path / "killed")])
     monkeypatch.delenv("NNFIT_FAULT")
+    position = json.loads((tmp_path / "killed" / "state.json").read_text())["position"]
+    assert position["finished"] == (kill == "13")
     assert main(["resume", str(tmp_path / "killed"), "--quiet"]) == 0
     assert stacked_weights(tmp_path / "killed") == stacked_weights(tmp_path / "whole")
 

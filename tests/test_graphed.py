@@ -1,6 +1,7 @@
 """The captured training step (nnfit.graphed): its plumbing on the CPU through the EagerGraph stand-in,
 and on a GPU (marker ``cuda``) that the CUDA graph gives the eager step's numbers."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nnfit import graphed
-from nnfit.model import MLP
+from nnfit.model import MLP, StackedMLP
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # the graph steps without optimizer.step()
 cuda = pytest.mark.cuda
@@ -436,6 +437,9 @@ RESUMABLE = {
     # an unfreeze adds a parameter group in epoch 2: a new capture
     "sgd-cosine-unfreeze": ["--optimizer", "sgd", "--schedule", "cosine", "--epochs", "4", "--batch-size", "48",
                             "--freeze", "l1", "--unfreeze-at", "2:l1", "--checkpoint-every", "4"],
+    # three members, each its own order; (K, 32, 1) batches, the last of each epoch (K, 8, 1)
+    "adam-ensemble": ["--optimizer", "adam", "--ensemble", "3", "--hidden", "16,16", "--epochs", "3",
+                      "--batch-size", "32", "--grad-clip", "1", "--checkpoint-every", "5"],
 }
 
 
@@ -448,7 +452,9 @@ def test_the_loop_with_the_graphed_step_resumes_to_identical_weights(graphed_on_
     args = ["train", "--samples", "400", "--seed", "3", "--no-plots", *RESUMABLE[recipe]]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     err = capsys.readouterr().err
-    assert "training step captured as a CUDA graph (batch 32)" in err or "(batch 48)" in err
+    assert re.search(r"training step captured as a CUDA graph \(batch (32|48)[,)]", err), err
+    if recipe == "adam-ensemble":
+        assert "(batch 32, 3 ensemble members)" in err, err
     if recipe == "sgd-cosine-unfreeze":
         assert err.count("training step captured as a CUDA graph") == 2, err  # before and after the unfreeze
 
@@ -547,3 +553,268 @@ def test_a_tiny_lbfgs_run_on_cuda_gets_a_hint_and_a_larger_one_does_not():
     assert _lbfgs_hint(lbfgs, 800, 10401, torch.device("cpu")) is None
     assert _lbfgs_hint(lbfgs, 100_000, 10401, gpu) is None
     assert _lbfgs_hint(Recipe("adam", 1e-3, 32, 10, "onecycle", 20), 800, 10401, gpu) is None
+
+
+# Ensembles (K > 1): the stacked step captured, against the run's own eager step (train.EagerStep).
+
+K = 3
+
+
+def _stacked_run(kind, graph: bool, grad_clip=None, member_lr=None, micro=None, unfreeze_after=None, epochs=3,
+                 size=32, device="cpu"):
+    """Train a StackedMLP of K members with the loop's pieces (make_optimizer, Schedule, StepPlan) for
+    ``epochs`` over 100 rows, each member in its own order: the eager step, or the graphed one on the
+    stand-in (on CUDA: the real graph). ``unfreeze_after``: l1 starts frozen and joins as a new parameter group after that many
+    steps, as --unfreeze-at does. Returns the model, the (K,) losses of every step and the step."""
+    from nnfit import devices
+    from nnfit import train as T
+
+    dev = torch.device(device)
+    model = StackedMLP(K, 2, 1, (16, 16), "tanh").init_members(range(K)).to(dev)
+    if unfreeze_after is not None:
+        model.l1.weight.requires_grad_(False), model.l1.bias.requires_grad_(False)
+    lr = 0.05 if kind == "sgd" else 3e-3
+    recipe = T.Recipe(kind, lr, size, epochs, "cosine" if kind == "sgd" else "onecycle", 20)
+    settings = SimpleNamespace(momentum=0.9, weight_decay=1e-2 if kind == "adamw" else 1e-4)
+    optimizer = T.make_optimizer([p for p in model.parameters() if p.requires_grad], recipe, settings)
+    plan = T.StepPlan(devices.Context(device=dev), dev, devices.MemoryGuard(1, lambda m: None), micro=micro,
+                      members=K, member_lr=None if member_lr is None else torch.tensor(member_lr, device=dev))
+    eager = T.EagerStep(model, optimizer, plan, grad_clip)
+    logs = []
+    step = graphed.GraphedStep(model, optimizer, plan, _config(grad_clip), eager, log=logs.append,
+                               graph_factory=graphed.EagerGraph if device == "cpu" else graphed.CudaGraph,
+                               loss=T._mse) if graph else eager
+    X, Y = _data(device=device)
+    g = torch.Generator().manual_seed(2)
+    schedule = T.Schedule.of(recipe, -(-100 // size))
+    losses, count = [], 0
+    for _ in range(epochs):
+        perm = torch.stack([torch.randperm(100, generator=g) for _ in range(K)]).to(dev)  # each member its order
+        Xe, Ye = X[perm], Y[perm]
+        for i in range(0, 100, size):
+            if count == unfreeze_after:
+                model.l1.weight.requires_grad_(True), model.l1.bias.requires_grad_(True)
+                T._add_group(optimizer, {"params": [model.l1.weight, model.l1.bias], "lr": lr}, recipe)
+            schedule.apply(optimizer, count)
+            loss = step(Xe[:, i:i + size], Ye[:, i:i + size])
+            assert loss.shape == (K,)
+            losses.append(loss.clone())
+            count += 1
+    return SimpleNamespace(model=model, losses=losses, step=step, logs=logs)
+
+
+def _stacked_close(a, b):
+    _assert_same(a.model, b.model, rtol=1e-4, atol=1e-5)
+    for la, lb in zip(a.losses, b.losses):
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, grad_clip, member_lr", [
+    ("adam", None, None),
+    ("adam", 0.05, (1.0, 0.25, 3.0)),
+    ("adamw", 0.05, (1.0, 0.25, 3.0)),
+    ("sgd", None, (0.5, 1.0, 2.0)),
+])
+def test_the_replayed_ensemble_step_gives_the_eager_steps_numbers(kind, grad_clip, member_lr):
+    """K = 3 members, each its own data order, 100 rows in batches of 32 (a ragged last batch of 4 per
+    epoch), a schedule moving the rate (and Adam's beta1), per-member rates and clipping: the graphed
+    step's (K,) losses and weights are the eager step's."""
+    eager = _stacked_run(kind, False, grad_clip, member_lr)
+    replayed = _stacked_run(kind, True, grad_clip, member_lr)
+    _stacked_close(eager, replayed)
+    graph = replayed.step.graph
+    assert replayed.step.failed is None and graph.captures == 1
+    assert graph.replays == 6  # 12 steps: 3 warm-up and 3 ragged run unreplayed (the graph's math), 6 replays
+    assert replayed.logs == [m for m in replayed.logs if "(batch 32, 3 ensemble members)" in m]
+
+
+def test_member_rates_and_clipping_in_the_ensemble_graph_have_teeth():
+    """The comparisons above would see a graph that ignored the members' rates or the clipping."""
+    base = _stacked_run("adam", True)
+    rated = _stacked_run("adam", True, member_lr=(1.0, 0.25, 3.0))
+    clipped = _stacked_run("adam", True, grad_clip=0.05)
+    for other in (rated, clipped):
+        with pytest.raises(AssertionError):
+            _assert_same(base.model, other.model, rtol=1e-4, atol=1e-5)
+    # member 0's rate is the group's: its weights are the same as without per-member rates
+    for name, p in base.model.named_parameters():
+        torch.testing.assert_close(p[0], dict(rated.model.named_parameters())[name][0], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(p[1], dict(rated.model.named_parameters())[name][1])
+
+
+def test_the_ensemble_graph_captures_again_after_an_unfreeze_and_matches_eager():
+    eager = _stacked_run("adam", False, member_lr=(1.0, 0.5, 2.0), unfreeze_after=5)
+    replayed = _stacked_run("adam", True, member_lr=(1.0, 0.5, 2.0), unfreeze_after=5)
+    _stacked_close(eager, replayed)
+    assert len(replayed.step.captures) == 2  # before and after the new parameter group
+    start = StackedMLP(K, 2, 1, (16, 16), "tanh").init_members(range(K))
+    assert not torch.equal(replayed.model.l1.weight, start.l1.weight)  # the unfrozen layer trained in the graph
+
+
+def test_ensemble_micro_batches_in_the_graph_accumulate_to_the_whole_batchs_step():
+    whole = _stacked_run("sgd", False, member_lr=(0.5, 1.0, 2.0))
+    chunks = _stacked_run("sgd", True, member_lr=(0.5, 1.0, 2.0), micro=8)
+    assert chunks.step.captures[0]["micro"] == 8
+    _stacked_close(whole, chunks)
+
+
+def test_why_eager_captures_an_ensemble_and_keeps_its_lbfgs_closure_apart():
+    model = StackedMLP(8, 1, 1, (8,), "tanh")
+    gpu = SimpleNamespace(**{**vars(_plan("cuda")), "members": 8})
+    assert graphed.why_eager(torch.optim.Adam(model.parameters()), gpu, _config()) is None
+    assert "L-BFGS" in graphed.why_eager(torch.optim.LBFGS(model.parameters()), gpu, _config())
+    assert "DDP" in graphed.why_eager(torch.optim.Adam(model.parameters()),
+                                      SimpleNamespace(**{**vars(gpu), "ddp": True}), _config())
+
+
+def test_a_stacked_lbfgs_closure_replays_the_eager_closure():
+    from nnfit.train import _mse
+
+    models = [StackedMLP(K, 2, 1, (16,), "tanh").init_members(range(K)) for _ in range(2)]
+    X, Y = _data()
+    params = list(models[1].parameters())
+    closure = graphed.GraphedClosure(models[1], X, Y, 0.5, params, torch.device("cpu"), log=lambda s: None,
+                                     graph_factory=graphed.EagerGraph, loss=lambda out, Y: _mse(out, Y).sum())
+    closure.capture(lambda: [setattr(p, "grad", None) for p in params])
+    o1 = torch.optim.LBFGS(models[0].parameters(), lr=1, max_iter=5, line_search_fn="strong_wolfe")
+    o2 = torch.optim.LBFGS(params, lr=1, max_iter=5, line_search_fn="strong_wolfe")
+
+    def eager():
+        o1.zero_grad()
+        loss = _mse(models[0](X), Y).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(models[0].parameters()), 0.5, foreach=True)
+        return loss
+
+    for _ in range(3):
+        o1.step(eager)
+        o2.step(closure)
+    _assert_same(models[0], models[1], rtol=1e-4, atol=1e-5)
+    assert closure.graph.replays > 3
+
+
+def test_the_loop_trains_an_ensemble_with_the_graphed_step_as_with_the_eager_one(graphed_on_cpu, capsys):
+    """train() end to end with per-member rates: make_step picks the graphed step for K = 3, and the
+    weights are those of the eager loop (--cuda-graph off)."""
+    from nnfit.config import Config
+    from nnfit.model import build_mlp
+    from nnfit.progress import Reporter
+    from nnfit.train import TrainData, train
+
+    torch.manual_seed(0)
+    x = torch.rand(150, 1)
+    data = TrainData(x[:120], x[:120] ** 2 + x[:120], x[120:], x[120:] ** 2 + x[120:])
+    config = Config(optimizer="adam", lr=3e-3, batch_size=32, epochs=3, schedule="onecycle", grad_clip=1.0,
+                    ensemble=K, hidden=(16, 16), patience=100)
+    lines = {}
+    for mode in ("auto", "off"):
+        logs = []
+        reporter = Reporter(quiet=True)
+        reporter.log = logs.append
+        model = build_mlp(1, 1, config)
+        train(model, data, config.replace(cuda_graph=mode), reporter, member_lrs=[3e-3, 1e-3, 1e-2])
+        lines[mode] = (model, logs)
+    (graph_model, graph_logs), (eager_model, eager_logs) = lines["auto"], lines["off"]
+    assert any("captured as a CUDA graph (batch 32, 3 ensemble members)" in m for m in graph_logs), graph_logs
+    assert not any("captured" in m for m in eager_logs)
+    _assert_same(graph_model, eager_model, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("kind, grad_clip, member_lr", [("adam", 0.05, (1.0, 0.25, 3.0)), ("sgd", None, None)])
+def test_cuda_ensemble_graph_gives_the_eager_steps_numbers(kind, grad_clip, member_lr):
+    eager = _stacked_run(kind, False, grad_clip, member_lr, device="cuda")
+    replayed = _stacked_run(kind, True, grad_clip, member_lr, device="cuda")
+    assert replayed.step.failed is None and len(replayed.step.captures) == 1, replayed.logs
+    _stacked_close(eager, replayed)
+
+
+@cuda
+@needs_gpu
+def test_cuda_fit_of_an_ensemble_captures_its_step_and_learns_as_the_eager_one(capsys):
+    import nnfit
+
+    common = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=400, plots=False, seed=3, device="cuda",
+                  optimizer="adam", batch_size=32, epochs=6, ensemble=4, hidden=(32, 32))
+    graph = nnfit.fit(**common)
+    err = capsys.readouterr().err
+    assert "training step captured as a CUDA graph (batch 32, 4 ensemble members)" in err, err
+    eager = nnfit.fit(**common, cuda_graph="off")
+    a, b = graph.summary["test"]["mse"], eager.summary["test"]["mse"]
+    assert a == pytest.approx(b, rel=0.2), (a, b)
+
+
+def _train_ensemble(config, **kw):
+    """train() of a K = 3 ensemble on 120 rows of x**2 + x (batches of 32: three and a ragged 24 per
+    epoch); returns the model, the result and the run's log lines."""
+    from nnfit.model import build_mlp
+    from nnfit.progress import Reporter
+    from nnfit.train import TrainData, train
+
+    torch.manual_seed(0)
+    x = torch.rand(150, 1)
+    data = TrainData(x[:120], x[:120] ** 2 + x[:120], x[120:], x[120:] ** 2 + x[120:])
+    logs = []
+    reporter = Reporter(quiet=True)
+    reporter.log = logs.append
+    model = build_mlp(1, 1, config)
+    result = train(model, data, config, reporter, **kw)
+    return model, result, logs
+
+
+def _ensemble_config(**kw):
+    from nnfit.config import Config
+
+    return Config(**{**dict(optimizer="adam", lr=3e-3, batch_size=32, epochs=3, schedule="onecycle", ensemble=K,
+                            hidden=(16, 16), patience=100), **kw})
+
+
+def test_an_out_of_memory_capture_of_an_ensemble_halves_the_batch_and_captures_again(graphed_on_cpu, monkeypatch):
+    class OutOfMemoryOnce(graphed.EagerGraph):
+        failed = []
+
+        def capture(self, fn):
+            if not self.failed:
+                self.failed.append(1)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().capture(fn)
+
+    monkeypatch.setattr(graphed, "CudaGraph", OutOfMemoryOnce)
+    model, result, logs = _train_ensemble(_ensemble_config(), member_lrs=[3e-3, 1e-3, 1e-2])
+    assert [(r["from"], r["to"]) for r in result.oom_retries] == [(32, 16)], result.oom_retries
+    captured = [m for m in logs if "captured as a CUDA graph" in m]
+    assert len(captured) == 1 and "(batch 32 in chunks of 16, 3 ensemble members)" in captured[0], logs
+    eager, _, _ = _train_ensemble(_ensemble_config(cuda_graph="off"), member_lrs=[3e-3, 1e-3, 1e-2])
+    _assert_same(model, eager, rtol=1e-4, atol=1e-5)  # chunks of 16 in the graph: the whole batch's steps
+
+
+def test_a_rollback_in_an_ensemble_captures_the_step_again(graphed_on_cpu, monkeypatch):
+    from nnfit import train as train_module
+
+    real, calls = train_module.make_step, [0]
+
+    def make_step(model, optimizer, plan, config):
+        inner = real(model, optimizer, plan, config)
+        assert isinstance(inner, graphed.GraphedStep)
+
+        class Poisoned:
+            invalidate = inner.invalidate
+
+            def __call__(self, xb, yb):
+                calls[0] += 1
+                loss = inner(xb, yb)
+                if calls[0] == 10:  # epoch 3's second step: inside the replayed graph's weights
+                    with torch.no_grad():
+                        model.l1.weight[1].fill_(float("nan"))  # member 1 only
+                return loss
+
+        return Poisoned()
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    model, result, logs = _train_ensemble(_ensemble_config(epochs=4))
+    assert result.rollbacks and result.rollbacks[0]["epoch"] == 3, logs
+    captured = [m for m in logs if "captured as a CUDA graph (batch 32, 3 ensemble members)" in m]
+    assert len(captured) == 2, logs  # the first capture, and one over the restored optimizer state
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert len(result.history) == 4

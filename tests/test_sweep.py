@@ -139,7 +139,8 @@ def test_a_used_folder_is_refused_before_training(tmp_path, capsys):
 
 def test_time_budget_is_shared_out_over_the_rungs():
     result = nnfit.sweep(**SMALL, hidden="8:16:24", quiet=True, time_budget=30)
-    # 3 configurations: rungs of 3 and 1; the first rung's three share a half of the 30 s.
+    # 3 configurations, none the default: rungs of 3 (1/3 of the epochs each) and 1 (all of them), so the first
+    # rung's three share half of the 30 s, in proportion to their epochs; the last run gets what is left.
     assert sweeps._budgets(3, False) == [(3, 1 / 3), (1, 1.0)]
     assert 0 < result.best.config.time_budget <= 30
     assert result.best.config.time_budget >= 30 / 2 / 3
@@ -157,3 +158,38 @@ def test_learning_rates_of_one_shape_train_stacked(tmp_path):
     loaded = nnfit.load(tmp_path / "run")
     assert loaded.members == 1 and loaded.config.lr == winner["lr"]
     assert np.array_equal(loaded.predict([[0.25]]), result.best.predict([[0.25]]))
+
+
+def test_the_winner_is_trained_as_an_ordinary_run_and_never_loses_to_the_default():
+    """The grid lists the default (Adam's auto lr 3e-3, 100,100 tanh): it trains first, in full, exactly as
+    nnfit.fit would; the winner beats it or is it, and is itself the full run of its settings."""
+    settings = dict(formula="x**2 + x", domain={"x": (0, 1)}, samples=200, test_samples=500, epochs=12,
+                    optimizer="adam", quiet=True, plots=False)
+    default = nnfit.fit(**settings)
+    result = nnfit.sweep(**settings, lr="1e-3,3e-3,3e-2", hidden="8:100,100")
+
+    def best_val(fitted):
+        return min(row["val_loss"] for row in fitted.history)
+
+    row = next(r for r in result.rows if (r["lr"], r["hidden"]) == (3e-3, "100,100"))
+    assert row["val_loss"] == best_val(default)  # the default's run is the default run, not a rung's short one
+    assert row["epochs"] == default.summary["epochs"] and row["rung"] == max(r["rung"] for r in result.rows)
+    assert "stacked" not in row["recipe"] and row["recipe"] == default.summary["recipe"]
+    assert best_val(result.best) <= best_val(default)
+    assert result.best.summary["sweep"]["default"] == row["config"]
+    # The winner, whichever it is, is the same run as a plain fit of its settings with the same seed.
+    c = result.best.config
+    alone = nnfit.fit(**settings, lr=c.lr, hidden=c.hidden, activation=c.activation)
+    assert result.best.summary["stopped"] == alone.summary["stopped"]
+    assert result.best.summary["epochs"] == alone.summary["epochs"] == 12
+    assert np.array_equal(result.best.predict(np.linspace(0, 1, 9)), alone.predict(np.linspace(0, 1, 9)))
+    assert c.epochs == 12 and c.time_budget is None
+
+
+def test_a_budget_the_default_run_spends_leaves_the_rest_untrained():
+    result = nnfit.sweep(**SMALL, hidden="8:100,100", quiet=True, time_budget=1e-6)
+    winner = next(r for r in result.rows if r["selected"])
+    assert (winner["hidden"], winner["epochs"]) == ("100,100", 1)  # the deadline comes after one epoch
+    other = next(r for r in result.rows if not r["selected"])
+    assert other["note"] == "not trained: the time budget was spent" and other["epochs"] == 0
+    assert "time budget" in result.best.summary["stopped"]

@@ -23,7 +23,7 @@ from nnfit.formula import parse_formula
 from nnfit.metrics import ensemble_metrics, per_target_metrics, regression_metrics
 from nnfit.model import architecture, build_mlp, check_module, instantiate, members
 from nnfit.progress import Reporter
-from nnfit.train import TrainData, choose_recipe, train
+from nnfit.train import TrainData, check_memory, choose_recipe, train
 
 PREDICT_CHUNK = 65536
 TEST_SEED_OFFSET = 1_000_003  # fresh test points never coincide with the training sample
@@ -380,6 +380,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     if config.freeze:
         freeze.freeze(module, config.freeze)  # before placing: a distributed wrapper must see the final flags
     ctx = _small_lbfgs_on_cpu(config, ctx, module, len(train_idx), reporter)
+    check_memory(module, config, len(train_idx), ctx, dtype, reporter)  # an ensemble: before it is placed
     module = devices.place_model(module, ctx, dtype)
     if user_model is not None:  # nnfit's own MLP (or stacked MLPs) is built to the data's shape
         check_module(module, problem.input_names, problem.target_names, ctx.device, dtype)

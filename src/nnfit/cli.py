@@ -84,9 +84,9 @@ SWEEP_LISTS = {"lr": ("LR,LR...", "learning rates to try, comma-separated, such 
                "hidden": ("W,W:W,W...", "networks to try: hidden widths comma-separated, networks separated by "
                           "':', such as 64,64:100,100"),
                "activation": ("ACT,ACT...", "activations to try, comma-separated, such as tanh,silu"),
-               "time_budget": ("SECONDS", "seconds for the whole sweep: each rung of successive halving gets an "
-                               "equal share, split between its configurations; the winner's last run gets what is "
-                               "left")}
+               "time_budget": ("SECONDS", "seconds for the whole sweep: the default configuration's run (when "
+                               "listed) may use all of it; the rungs of successive halving share what is left in "
+                               "proportion to their epochs; the survivor's full run gets what is left")}
 
 
 def _add_config_options(parser: argparse.ArgumentParser, show_all: bool, lists=None) -> None:
@@ -187,8 +187,10 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help=help, description=help + " by validation loss, as an ordinary run folder "
                        "with sweep.csv (one row per configuration) beside it. The samples are built once and "
                        "shared. By default successive halving: every configuration trains with 1/3, 1/9, ... of "
-                       "the budget, the best third goes on, and the last one trains with the full budget. Other "
-                       "options are those of nnfit train, one value each.")
+                       "the budget, the best third goes on, and the last one trains as an ordinary run; when the "
+                       "lists include the configuration nnfit train would train, it trains first, in full, and "
+                       "wins unless the survivor has a lower validation loss. Other options are those of nnfit "
+                       "train, one value each.")
     p.add_argument("--width", metavar="W,W...", help="hidden widths to try, comma-separated, each at every --depth "
                    "(in place of --hidden)")
     p.add_argument("--depth", metavar="N,N...", help="numbers of hidden layers to try, comma-separated (in place "
@@ -281,6 +283,10 @@ def cmd_sweep(args) -> int:
     s = result.best.summary
     print(f"\nwinner #{s['sweep']['selected']}: {s['recipe']}, hidden {','.join(map(str, result.best.config.hidden))}, "
           f"{result.best.config.activation}")
+    if s["sweep"]["default"] is not None:
+        beat = "the winner beat it" if s["sweep"]["default"] != s["sweep"]["selected"] else "nothing beat it"
+        print(f"#{s['sweep']['default']} is what nnfit train would train with these options: it trained in full "
+              f"first, and {beat} on validation loss")
     print(metrics_table({"validation": s.get("validation"), "test": s.get("test")}))
     print(f"run folder: {config.out} ({', '.join(_run_files(config.out))}); it is an ordinary run: nnfit predict, "
           "evaluate, inspect, export and resume take it")

@@ -311,7 +311,7 @@ def free_cores(window: float = LOAD_WINDOW) -> float | None:
     now = os.times()
     mine = (now.user + now.system - own.user - own.system) * os.sysconf("SC_CLK_TCK")
     busy, total = max(0.0, after[0] - before[0] - mine), after[1] - before[1]
-    return len(cpus) * (1 - busy / total)
+    return len(cpus) * max(0.0, 1 - busy / total)  # busy can round to a hair above total on a full machine
 
 
 def cpu_threads(asked: int | None, small: bool, ctx: Context) -> tuple[int | None, str]:
@@ -474,6 +474,127 @@ def check_fits_in_memory(nbytes: int, what: str, remedy: str) -> None:
                          f"{_format_bytes(free)} free now; {remedy}")
 
 
+def total_host_memory() -> int | None:
+    """Bytes of physical memory (MemTotal on Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_of(device: torch.device) -> tuple[int, int | None]:
+    """(free, total) bytes of the memory a run on ``device`` trains in: a GPU's own (free within this
+    process's cap), else the host's (the CPU, and MPS, which shares the host's memory). The one place
+    to mock in tests."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_free(device), torch.cuda.mem_get_info(device)[1]
+    return free_host_memory(), total_host_memory()
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What training a network needs, per member of an ensemble (``model.training_memory`` computes it).
+
+    Every part scales with the members: K members need K times ``per_member``. ``state`` counts the
+    parameters' copies (weights, gradients, the optimizer's moments, the loop's snapshots), ``rows`` the
+    epoch's training rows gathered in the member's own order, ``per_row`` the activations one row of a
+    (micro-)batch keeps for the backward pass.
+    """
+
+    members: int
+    parameters: int  # per member
+    state: int  # bytes per member
+    copies: str  # what ``state`` counts, for messages
+    rows: int  # bytes per member
+    per_row: int  # bytes per member and row of a (micro-)batch
+    batch: int  # rows per step (per worker)
+    floor: int  # the fewest rows per forward pass the out-of-memory guard goes down to
+    widths: tuple = ()  # hidden widths, for messages
+    optimizer: str = ""
+
+    def per_member(self, rows: int | None = None) -> int:
+        """Bytes one member needs with ``rows`` rows per forward pass (default: whole batches)."""
+        return self.state + self.rows + self.per_row * (self.batch if rows is None else rows)
+
+    def total(self, rows: int | None = None) -> int:
+        return self.members * self.per_member(rows)
+
+    def largest(self, budget: int, rows: int | None = None) -> int:
+        """The most members that fit in ``budget`` bytes by this estimate."""
+        return max(0, int(budget) // max(1, self.per_member(rows)))
+
+    def describe(self, rows: int | None = None) -> str:
+        rows = self.batch if rows is None else rows
+        return (f"{_format_bytes(self.per_member(rows))} per member: {_format_bytes(self.state)} for {self.copies} "
+                f"of its {self.parameters:,} parameters, {_format_bytes(self.per_row * rows)} for the activations "
+                f"of {_rows(rows)}, {_format_bytes(self.rows)} for the epoch's rows in its own order")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def members_error(estimate: MemoryEstimate, device: torch.device, budget: int, total: int | None,
+                  rows: int, where: str | None = None) -> NnfitError:
+    """The one error for an ensemble that does not fit: what was asked, what it needs by the estimate,
+    what the device has, and the most members that fit by the same estimate. ``where``: the out-of-memory
+    error's place (a training step, evaluation), where K members did not fit in fact; the count named is
+    then below K whatever the estimate says."""
+    k, batch = estimate.members, estimate.batch
+    hidden = S('hidden', ','.join(map(str, estimate.widths)))
+    lbfgs = estimate.optimizer == "full-batch L-BFGS"
+    asked = f"{S('ensemble', k)} of {hidden} with " + (f"full-batch L-BFGS on {batch} rows" if lbfgs else
+                                                       f"{estimate.optimizer} at {S('batch_size', batch)}")
+    smaller = f"{S('optimizer', 'adam')} with a {S('batch_size')}" if lbfgs else f"a smaller {S('batch_size')}"
+    micro = "" if rows >= batch else f" in micro-batches of {_rows(rows)}"
+    of = f" of {_format_bytes(total)}" if total else ""
+    whole, small = estimate.largest(budget), estimate.largest(budget, rows)
+    if where is None:
+        head = (f"too many ensemble members for the memory: {asked} needs about "
+                f"{_format_bytes(estimate.total(rows))}{' even' if micro else ''}{micro} on {device} "
+                f"({estimate.describe(rows)}), and {device} has {_format_bytes(budget)} free{of}")
+    else:
+        whole, small = min(whole, k - 1), min(small, k - 1)
+        head = (f"out of memory in {where} on {device}: {asked} did not fit{micro} (by the estimate "
+                f"{_format_bytes(estimate.total(rows))}: {estimate.describe(rows)}); {device} has about "
+                f"{_format_bytes(budget)} for the members (free now plus what they hold){of}")
+    if whole >= 1:
+        fits = f"the most members that fit by this estimate is {whole}: pass {S('ensemble', whole)}"
+        if small > whole:
+            fits += f" (or up to {small} in micro-batches of {_rows(rows)}, slower)"
+    elif small >= 1:
+        fits = (f"not one member fits whole batches of {_rows(batch)}, and at most {small} fit in micro-batches "
+                f"of {_rows(rows)}: pass {S('ensemble', small)} with {smaller}")
+    else:
+        fits = "not one member fits"
+    return NnfitError(f"{head}; {fits}, or use {smaller} or smaller widths ({S('hidden')})")
+
+
+def check_members_fit(estimate: MemoryEstimate, device: torch.device, held: int = 0, log=None) -> int:
+    """Refuse, before training, an ensemble that cannot fit even in micro-batches of ``estimate.floor``
+    rows (row halving could not save it); ``held``: bytes of the estimate already allocated there
+    (the weights, on the CPU). Where it fits only in micro-batches, ``log`` says so. Returns the budget."""
+    free, total = memory_of(device)
+    budget = free + held
+    floor = min(estimate.floor, estimate.batch)
+    if estimate.total(floor) > budget:
+        raise members_error(estimate, device, budget, total, floor)
+    if estimate.total() > budget and log is not None:
+        log(f"memory: {estimate.members} members at batch {estimate.batch} need about "
+            f"{_format_bytes(estimate.total())}, more than the {_format_bytes(budget)} free on {device}; expect "
+            f"out-of-memory retries in smaller micro-batches (same result, slower); --ensemble "
+            f"{estimate.largest(budget)} fits whole batches")
+    return budget
+
+
 _OOM_MESSAGES = ("MPS backend out of memory", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
 
 
@@ -493,17 +614,36 @@ def free_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+# An ensemble's rows are halved after an out-of-memory error only while the activations of a micro-batch
+# are at least this share of what a member needs by the estimate. Rows matter at large batches and hardly
+# at small ones: K = 8 members of 1 -> 512 -> 512 -> 1 with Adam, the rows are 43% of the estimate at
+# batch 1024, 16% at 256, 4% at 64 (bench/ensemble_memory.py, which also measures the estimate against a
+# run's peak memory). Below the share, halving the rows again frees less than a twentieth, each retry is
+# one more failed allocation, and the members are what costs: the error then names how many fit.
+ROWS_STILL_MATTER = 0.1
+
+
 @dataclass
 class MemoryGuard:
-    """Halves a batch size after an out-of-memory error, down to ``min_batch_size``, with a line per retry."""
+    """Halves a batch size after an out-of-memory error, down to ``min_batch_size``, with a line per retry.
+
+    For an ensemble (``estimate``, set by the training loop) rows are halved first, since that is exact
+    (the optimizer still sees the whole batch) and a large batch's activations are much of the memory;
+    once a micro-batch's activations are a small share of a member (``ROWS_STILL_MATTER``), or at the
+    floor, it stops with the error that names the most members that fit by the estimate. It never trains
+    fewer members than were asked for.
+    """
 
     min_batch_size: int = 1
     log: object = print
     retries: list = field(default_factory=list)
+    estimate: MemoryEstimate | None = None
 
     def halve(self, size: int, where: str, device: torch.device) -> int:
         free_memory(device)
         new = size // 2
+        if self.estimate is not None and self.estimate.members > 1:
+            self._members_or_rows(size, new, where, device)
         if new < self.min_batch_size:
             raise NnfitError(
                 f"out of memory in {where} on {device} even with a batch of {size} row(s) "
@@ -513,6 +653,15 @@ class MemoryGuard:
         self.log(f"out of memory in {where} with a batch of {size}; retrying with {new} "
                  f"(floor --min-batch-size {self.min_batch_size})")
         return new
+
+    def _members_or_rows(self, size: int, new: int, where: str, device: torch.device) -> None:
+        estimate = self.estimate
+        if new >= self.min_batch_size and estimate.per_row * size >= ROWS_STILL_MATTER * estimate.per_member(size):
+            return  # halving the rows still frees a good share
+        free, total = memory_of(device)
+        # What this run holds now (its state and rows, by the estimate) is free to a run with fewer members.
+        budget = free + estimate.members * (estimate.state + estimate.rows)
+        raise members_error(estimate, device, budget, total, size, where)
 
 
 def accumulator(device) -> torch.dtype:

@@ -14,6 +14,13 @@ out-of-memory halving), a new parameter group (``--unfreeze-at``), a replaced op
 rollback). The ragged last batch of an epoch and the warm-up steps before a capture run eagerly, with
 the graph's own math, so that where a capture happened does not change the numbers.
 
+An ensemble (``--ensemble K``, a ``model.StackedMLP``) is captured the same way: its batches are
+(K, b, d), each member's slice of its own order, the loss is a (K,) vector and the backward is that of
+its sum (the members are independent), clipping is the eager step's (each member's own norm,
+``model.clip_grad_norm_``), and each member's learning rate (``plan.member_lr``) is a factor inside the
+captured update itself. The captured ensemble step has been tested only on the CPU through
+``EagerGraph``; it has never run on a real GPU (scripts/gpu_check.sh will run it there).
+
 Where a step cannot be captured it stays eager, and the run says why once: under DDP (its gradient
 hooks and bucket rebuilding are not capture-safe without freezing the set of gradients that reduce),
 with ``--precision 16-mixed`` (the gradient scaler decides on the host, per step, whether to skip the
@@ -34,6 +41,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from nnfit.model import clip_grad_norm_
 
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture: lazy state (optimizer, cuBLAS) is made there
 GRAPHED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
@@ -123,8 +132,6 @@ def why_eager(optimizer, plan, config) -> str | None:
                 "that reduce; each DDP worker runs the eager step")
     if plan.scaler is not None:
         return "--precision 16-mixed: the gradient scaler decides on the host, each step, whether to skip it"
-    if getattr(plan, "members", 1) > 1:
-        return "an ensemble's stacked step (--ensemble) is not captured yet"
     if type(optimizer) not in GRAPHED_OPTIMIZERS:
         return f"the {type(optimizer).__name__} optimizer is captured only as L-BFGS's closure"
     unusual = [k for k in ("amsgrad", "maximize", "nesterov") if any(g.get(k) for g in optimizer.param_groups)]
@@ -142,6 +149,9 @@ class GraphedStep:
     capture has failed. The loss a replay returns is a static tensor that the next step overwrites: use
     it (add it to a running total) before the next call.
 
+    An ensemble's batches are (K, b, d) and its loss (K,): rows are counted along the last but one axis.
+    ``loss(out, Y)`` is the training loss (``train._mse``: one number, or one per member).
+
     The captured update is Adam's, AdamW's or SGD's, written here over the optimizer's own state tensors
     (``exp_avg``, ``exp_avg_sq``, ``step``; ``momentum_buffer``), so that the learning rate and Adam's
     beta1 can be device tensors: torch's capturable Adam reads a tensor beta1 back to the host
@@ -150,8 +160,8 @@ class GraphedStep:
     stays torch's, so a checkpoint, a resume and every eager step see an ordinary optimizer.
     """
 
-    def __init__(self, model, optimizer, plan, config, eager, log=print, graph_factory=None):
-        self.model, self.optimizer, self.plan, self.eager = model, optimizer, plan, eager
+    def __init__(self, model, optimizer, plan, config, eager, log=print, graph_factory=None, loss=F.mse_loss):
+        self.model, self.optimizer, self.plan, self.eager, self.loss_fn = model, optimizer, plan, eager, loss
         self.grad_clip = config.grad_clip
         self.log = log
         self.graph_factory = graph_factory or CudaGraph
@@ -172,7 +182,7 @@ class GraphedStep:
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         if self.failed is not None:
             return self.eager(xb, yb)
-        rows = xb.shape[0]
+        rows = xb.shape[-2]  # (b, d), or an ensemble's (K, b, d)
         ragged = rows < self._rows  # the epoch's last, shorter batch: once per epoch, not replayed
         if not ragged:
             self._rows = rows
@@ -211,22 +221,23 @@ class GraphedStep:
         # Python only, no kernel: the backward below then writes fresh gradients (in a graph: into the
         # same buffers on every replay) instead of adding to old ones.
         self.optimizer.zero_grad(set_to_none=True)
-        n = len(X)
+        n = X.shape[-2]
         size = plan.micro or n
         total = None
         for i in range(0, n, size):  # after an out-of-memory halving: chunks, gradients accumulated
-            xb, yb = X[i:i + size], Y[i:i + size]
+            xb, yb = _rows(X, i, i + size), _rows(Y, i, i + size)
             # cache_enabled=False: autocast's cache of casted weights must not outlive a capture.
             with torch.autocast(plan.device.type, dtype=plan.amp, enabled=plan.amp is not None,
                                 cache_enabled=False):
                 out = self.model(xb)
-            loss = F.mse_loss(out.to(yb.dtype), yb)
+            loss = self.loss_fn(out.to(yb.dtype), yb)
             if size < n:
-                loss = loss * (len(xb) / n)
-            loss.backward()
+                loss = loss * (xb.shape[-2] / n)
+            # An ensemble's members are independent: the gradient of their losses' sum is each member's own.
+            (loss.sum() if loss.dim() else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip, foreach=True)
+            clip_grad_norm_(self._params(), self.grad_clip, X.shape[0] if X.dim() == 3 else 1)
         update()
         return total
 
@@ -250,12 +261,14 @@ class GraphedStep:
             graph.reset()
             self.invalidate()
             raise
-        self.graph, self._shape, self.loss = graph, (len(xb), self.plan.micro), out
+        rows = xb.shape[-2]
+        self.graph, self._shape, self.loss = graph, (rows, self.plan.micro), out
         self._state, self._groups = self.optimizer.state, len(self.optimizer.param_groups)
         seconds = time.perf_counter() - started
-        self.captures.append({"rows": len(xb), "micro": self.plan.micro, "seconds": seconds})
+        self.captures.append({"rows": rows, "micro": self.plan.micro, "seconds": seconds})
         micro = f" in chunks of {self.plan.micro}" if self.plan.micro else ""
-        self.log(f"training step captured as a CUDA graph (batch {len(xb)}{micro}) in {seconds * 1000:.0f} ms")
+        members = f", {xb.shape[0]} ensemble members" if xb.dim() == 3 else ""
+        self.log(f"training step captured as a CUDA graph (batch {rows}{micro}{members}) in {seconds * 1000:.0f} ms")
 
     def _give_up(self, exc: BaseException) -> None:
         cause = _out_of_memory(exc)
@@ -296,7 +309,12 @@ class GraphedStep:
     @torch.no_grad()
     def _update(self) -> None:
         """Adam/AdamW or SGD, as torch computes it, with the learning rate and beta1 read from tensors:
-        foreach kernels whose scalars are tensors or constants, no value read back to the host."""
+        foreach kernels whose scalars are tensors or constants, no value read back to the host.
+
+        An ensemble's members may each have their own learning rate (``plan.member_lr``, (K,) factors
+        over the group's rate): wherever torch's update uses the rate, member k's slice of each tensor
+        uses rate x factor k. That is the eager step's ``_scale_updates`` (each member's update scaled)
+        exactly, without its copy of every parameter."""
         for group, (_, lr, *beta), fixed in zip(self.optimizer.param_groups, self._hyper, self._baked):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -304,11 +322,14 @@ class GraphedStep:
             grads = [p.grad for p in params]
             state = [self._state_of(p) for p in params]
             wd = fixed["weight_decay"]
+            rates = self._member_rates(params, lr)  # None: one rate for the whole group
             if self._adam():
                 beta1, beta2 = beta[1], fixed["beta2"]
                 m, v, steps = ([s[k] for s in state] for k in ("exp_avg", "exp_avg_sq", "step"))
                 torch._foreach_add_(steps, 1.0)
-                if wd and fixed["decoupled"]:
+                if wd and fixed["decoupled"] and rates is not None:  # p *= 1 - rate x wd, each member its rate
+                    torch._foreach_mul_(params, torch._foreach_add(torch._foreach_mul(rates, -wd), 1.0))
+                elif wd and fixed["decoupled"]:
                     torch._foreach_mul_(params, 1 - lr * wd)
                 elif wd:
                     grads = torch._foreach_add(grads, params, alpha=wd)
@@ -317,12 +338,14 @@ class GraphedStep:
                 torch._foreach_mul_(v, beta2)
                 torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
                 step = steps[0]  # the group's parameters step together
-                step_size = lr / (1 - beta1 ** step)
                 denom = torch._foreach_sqrt(v)
                 torch._foreach_div_(denom, (1 - beta2 ** step).sqrt())
                 torch._foreach_add_(denom, fixed["eps"])
                 update = torch._foreach_div(m, denom)
-                torch._foreach_mul_(update, step_size)
+                if rates is None:
+                    torch._foreach_mul_(update, lr / (1 - beta1 ** step))
+                else:  # each member's step size: its rate over the bias correction
+                    torch._foreach_mul_(update, torch._foreach_div(rates, 1 - beta1 ** step))
                 torch._foreach_sub_(params, update)
             else:
                 if wd:
@@ -336,7 +359,16 @@ class GraphedStep:
                         torch._foreach_mul_(bufs, fixed["momentum"])
                         torch._foreach_add_(bufs, grads, alpha=1 - fixed["dampening"])
                     grads = [st["momentum_buffer"] for st in state]
-                torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+                torch._foreach_sub_(params, torch._foreach_mul(grads, lr if rates is None else rates))
+
+    def _member_rates(self, params, lr):
+        """Each parameter's learning rate as a tensor along its member axis, (K, 1, ...): the group's rate
+        times ``plan.member_lr``; None when every member has the group's rate. Views and one small kernel:
+        nothing of a parameter's size is copied."""
+        factors = getattr(self.plan, "member_lr", None)
+        if factors is None:
+            return None
+        return torch._foreach_mul([factors.view(-1, *[1] * (p.dim() - 1)) for p in params], lr)
 
     def _state_of(self, p) -> dict:
         """The optimizer's state of ``p``, made as torch makes it on a first step (outside any capture:
@@ -380,6 +412,11 @@ class GraphedStep:
 
     def _params(self) -> list:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def _rows(T: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of (n, d) data, or of each member's (K, n, d) data."""
+    return T[start:stop] if T.dim() == 2 else T[:, start:stop]
 
 
 def _out_of_memory(exc: BaseException | None):

@@ -107,16 +107,64 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
             f"{S('activation', 'none')} makes the network linear: it can only fit linear functions "
             "(this is the tutorial's bug: its activations are commented out)", NnfitWarning, stacklevel=2)
     members = getattr(config, "ensemble", 1)
-    widths = [n_inputs, *config.hidden, n_outputs]
-    n_params = members * sum((a + 1) * b for a, b in zip(widths, widths[1:]))
-    # Weights, gradients, optimizer moments and the loop's snapshots: about 8 copies, checked before allocating.
-    devices.check_fits_in_memory(n_params * 8 * 8, f"--hidden {','.join(map(str, config.hidden))}"
-                                 f"{f' with --ensemble {members}' if members > 1 else ''} makes a network of "
-                                 f"{n_params:,} parameters, which", "use smaller widths")
+    # Checked before allocating, in host memory (where the network is built), by the estimate the training
+    # loop checks again on its device: here without the batch and the data, with Adam's two moments.
+    size = torch.finfo(getattr(torch, config.dtype)).bits // 8
+    estimate = training_memory(n_inputs, n_outputs, config.hidden, members, size, moments=2, batch=1, rows=0)
+    asked = f" with {S('ensemble', members)}" if members > 1 else ""
+    most = estimate.largest(devices.free_host_memory())
+    fits = "" if members == 1 else f" (the most that fit: {S('ensemble', most)})"
+    devices.check_fits_in_memory(estimate.total(), f"{S('hidden', ','.join(map(str, config.hidden)))}{asked} makes a "
+                                 f"network of {members * estimate.parameters:,} parameters, which in {estimate.copies}",
+                                 f"use smaller widths{' or fewer members' if members > 1 else ''}{fits}")
     if members > 1:
         stacked = StackedMLP(members, n_inputs, n_outputs, config.hidden, config.activation)
         return stacked.init_members([config.seed + k for k in range(members)])
     return MLP(n_inputs, n_outputs, config.hidden, config.activation)
+
+
+def clip_grad_norm_(params, max_norm: float, members: int = 1) -> None:
+    """Clip the gradients' norm to ``max_norm``: over all ``params`` together, or with ``members`` > 1 (a
+    StackedMLP's parameters, member axis first) each member's norm over its own slices, so that a member
+    is clipped exactly as it would be trained alone. No host sync: CUDA-graph capturable."""
+    if members == 1:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([g.reshape(members, -1).float().square().sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ coefficient, per member
+    for g in grads:
+        g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+
+
+# Copies of the parameters that training keeps besides the optimizer's state (train.py): the weights and
+# their gradients; the best weights and the starting values (Run); the rollback's snapshot of the last good
+# epoch (weights, optimizer state, best weights, starting values), two of them while a new one replaces the
+# old (Rollback.good). ``training_memory`` adds the optimizer's state to the weights' share of each snapshot.
+TRAINING_COPIES = 2 + 2 + 2 * 3
+# Activations one row of a batch keeps per unit of each layer's output: the linear map's output, the
+# activation's output, and the gradient of one of them while the backward pass runs.
+ACTIVATION_COPIES = 3
+
+
+def training_memory(n_inputs: int, n_outputs: int, hidden, members: int, element_size: int, moments: int,
+                    batch: int, rows: int, floor: int = 1, optimizer: str = "adam") -> devices.MemoryEstimate:
+    """Bytes to train ``members`` MLPs of this shape, per member: the parameters' copies (weights, gradients,
+    ``moments`` copies of optimizer state, the loop's snapshots), the activations per row of a batch of
+    ``batch`` rows, and the ``rows`` training rows each member's epoch gathers in its own order. Numbers of
+    ``element_size`` bytes. K members need K times as much: nothing is shared among them."""
+    widths = [n_inputs, *hidden, n_outputs]
+    parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    copies = TRAINING_COPIES + 3 * moments  # the optimizer's state: live, and in each of the two snapshots
+    what = (f"{copies} copies (weights, gradients, {moments} of the optimizer's state, "
+            f"{copies - 2 - moments} in the loop's snapshots)")  # "... of its N parameters" follows
+    return devices.MemoryEstimate(
+        members=members, parameters=parameters, state=parameters * copies * element_size, copies=what,
+        rows=rows * (n_inputs + n_outputs) * element_size,
+        per_row=ACTIVATION_COPIES * sum(widths[1:]) * element_size, batch=batch, floor=floor,
+        widths=tuple(hidden), optimizer=optimizer)
 
 
 def members(model: nn.Module) -> int:

@@ -591,11 +591,16 @@ def _check_state_tensors(tensors: dict, info: dict, config: Config, where: str) 
     position = info["position"]
     if not position["finished"]:
         perm, total = tensors.get("perm"), tensors.get("total")
-        if perm is None or total is None or perm.dtype != torch.int64 or perm.ndim != 1 or total.numel() != 1:
+        # An ensemble's epoch has one permutation per member, (K, n), and a running loss per member, (K,).
+        members = config.ensemble
+        shape = (1, 1) if members == 1 else (2, members)
+        if perm is None or total is None or perm.dtype != torch.int64 or perm.ndim != shape[0] or \
+                (perm.ndim == 2 and len(perm) != members) or total.numel() != shape[1]:
             bad("position is in the middle of an epoch, but the epoch's permutation or running loss is missing")
-        if position["rows"] > len(perm):
-            bad(f"position.rows {position['rows']} is beyond the epoch's {len(perm)} rows")
-        if len(perm) and (int(perm.min()) < 0 or int(perm.max()) >= len(perm)):
+        n = perm.shape[-1]
+        if position["rows"] > n:
+            bad(f"position.rows {position['rows']} is beyond the epoch's {n} rows")
+        if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= n):
             bad("the epoch's permutation holds rows outside the training set")
     refs = []
     _refs(info.get("optimizer"), refs)

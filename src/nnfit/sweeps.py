@@ -4,9 +4,17 @@ The samples are built and split once and shared by every configuration, so the c
 only in what is swept (learning rate, hidden widths and depth, activation). By default the sweep runs
 successive halving: every configuration trains for a short budget, the best third by validation loss
 goes on with three times the budget, and so on until one is left, which trains with the full budget
-of an ordinary run. A 12-configuration sweep then costs at most 12/27 + 4/9 + 2/3 + 1 = 2.6 full runs'
-epochs instead of 12; ``exhaustive=True`` trains every configuration to the end. ``time_budget`` bounds the
-whole sweep's seconds (bench/sweep.py measures both against one default run).
+of an ordinary run (its own epochs and stop rules, as nnfit train). A 12-configuration sweep then costs
+at most 12/27 + 4/9 + 2/3 + 1 = 2.6 full runs' epochs instead of 12; ``exhaustive=True`` trains every
+configuration to the end.
+
+Short rungs can mislead: a network that learns slowly at first but ends best is dropped after 1/27 of
+its epochs. So when the grid lists the configuration that nnfit train would train with the same options
+(the default network, activation and learning rate), that one trains first, in full, as an ordinary
+run, and the halving's survivor replaces it only with a lower validation loss: such a sweep is never
+worse on validation than the default run it contains. ``time_budget`` bounds the whole sweep's seconds:
+the default's run may take all of it, the rungs share what is left in proportion to the epochs they
+train, and the survivor's full run gets what is left at the end (bench/sweep.py measures both).
 
 Configurations of one shape (widths, depth, activation) that differ in their learning rate and train
 with a first-order optimizer (Adam, AdamW, SGD) train together, as the members of one stacked model with
@@ -148,7 +156,8 @@ class Trial:
                 "epochs": s.get("epochs", 0), "val_loss": self.val_loss, "val_mse": val.get("mse"),
                 "val_r2": val.get("r2"), "test_mse": test.get("mse"),
                 "test_nmse": 1 - test["r2"] if "r2" in test else None, "seconds": round(self.seconds, 3),
-                "selected": winner, "note": self.diverged}
+                "selected": winner, "note": self.diverged or ("" if self.fitted is not None else
+                                                              "not trained: the time budget was spent")}
 
 
 @dataclass
@@ -198,13 +207,15 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
         activation: ``["tanh", "silu"]`` or ``"tanh,silu"``.
         exhaustive: train every configuration with the full budget instead of successive halving.
         **settings: any other ``Config`` field, one value for all configurations. ``time_budget`` is the
-            seconds of the whole sweep: each rung of successive halving gets an equal share, split between
-            its configurations, and the last one (the winner's full run) gets what is left. ``out`` writes the
+            seconds of the whole sweep: the default configuration's full run (when the grid lists it) may
+            use all of it, the rungs of successive halving share what is left in proportion to their
+            epochs, and the last one (the survivor's full run) gets what is left. ``out`` writes the
             winner's run folder there, with ``sweep.csv`` beside it.
 
     Returns:
         A SweepResult: ``best`` (the winner's FittedModel), ``rows`` (one per configuration, also as
-        ``frame()``), ``table()``. The winner is chosen by validation loss only.
+        ``frame()``), ``table()``. The winner is chosen by validation loss only, between the halving's
+        survivor and the default configuration's full run.
     """
     from nnfit import devices
     from nnfit.data import build_problem, split_indices
@@ -223,23 +234,42 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     started = time.perf_counter()
     problem = build_problem(config, frame_)  # once: every configuration learns from the same samples
     n_train = len(split_indices(len(problem.X), config.val_split, config.seed)[0])
-    budgets = _budgets(len(trials), exhaustive)
-    reporter.log(f"sweep of {len(trials)} configurations on {problem.source}, {len(problem.X)} samples: "
-                 + ("every configuration with the full budget" if exhaustive else
-                    f"successive halving in {len(budgets)} rungs ({' → '.join(str(n) for n, _ in budgets)} "
-                    f"configurations, 1/{ETA ** (len(budgets) - 1)} of the budget first)"))
+    # The configuration nnfit train would train with these options, if the grid lists it: it trains first, in
+    # full, and the halving's survivor must beat it on validation loss. A sweep that lists the default is then
+    # never worse than the default run (on validation), whatever the short first rungs get wrong.
+    default = None if exhaustive else _default_trial(trials, config, problem, n_train)
+    contenders = [t for t in trials if t is not default]
+    budgets = _budgets(len(contenders), exhaustive)
+    if exhaustive:
+        plan = "every configuration with the full budget"
+    elif len(budgets) == 1:
+        plan = f"#{contenders[0].index + 1} with the full budget"
+    else:
+        plan = (f"successive halving in {len(budgets)} rungs ({' → '.join(str(n) for n, _ in budgets)} "
+                f"configurations, 1/{ETA ** (len(budgets) - 1)} of the budget first)")
+    if default is not None:
+        plan = f"#{default.index + 1}, the default, in full first; then {plan}"
+    reporter.log(f"sweep of {len(trials)} configurations on {problem.source}, {len(problem.X)} samples: {plan}")
     ctx = devices.init_context(config)
     rungs = []
+    final = len(budgets) - 1
     failed = True
     try:
-        alive = trials
+        if default is not None:  # an ordinary run: the sweep's time budget is the only limit it gets
+            seconds = max(_left(config, started), 1e-3) if config.time_budget else None
+            _train_trial(default, final, 1.0, seconds, problem, n_train, ctx, reporter, label="the default")
+        work = [keep * fraction for keep, fraction in budgets]  # in full runs' epochs
+        alive = contenders
         for rung, (keep, fraction) in enumerate(budgets):
             alive = alive[:keep]
             seconds = None
-            if config.time_budget:  # the sweep's seconds: an equal share per rung, the last one takes what is left
-                left = config.time_budget - (time.perf_counter() - started)
-                share = config.time_budget / len(budgets) / keep
-                seconds = max(left / keep, share) if rung == len(budgets) - 1 else share
+            if config.time_budget:  # what is left, shared in proportion to the epochs each rung trains
+                left = _left(config, started)
+                if left <= 0 and (default is not None or rung > 0):
+                    reporter.log(f"  the time budget of {config.time_budget:g} s is spent: rung {rung + 1} "
+                                 "and later are not trained")
+                    break
+                seconds = max(left * work[rung] / sum(work[rung:]) / keep, 1e-3)
             for group in _groups(alive, problem, n_train):
                 if len(group) > 1:
                     _train_stacked(group, rung, fraction, seconds, problem, n_train, ctx, reporter)
@@ -251,17 +281,25 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
         failed = False
     finally:
         devices.cleanup_context(ctx, failed)
-    winner = min(alive, key=lambda t: t.val_loss)
+    # The finalists: the best of the last rung the halving trained, and the default's full run.
+    reached = max((t.rung for t in contenders if t.fitted is not None), default=-1)
+    finalists = [t for t in contenders if t.fitted is not None and t.rung == reached]
+    finalists += [default] if default is not None else []
+    winner = min(finalists or trials, key=lambda t: t.val_loss)
     if not math.isfinite(winner.val_loss):
         raise NnfitError(f"every configuration of the sweep diverged ({winner.diverged}); try smaller learning "
                          "rates")
+    if winner.settled:  # stopped by itself in an earlier rung: its full run would stop at the same epoch
+        winner.rung = final
+        _as_full_run(winner, problem, n_train)
     ordered = sorted(trials, key=lambda t: (t is not winner, -t.rung, t.val_loss))
     result = SweepResult(winner.fitted, [t.row(t is winner) for t in ordered], rungs,
                          time.perf_counter() - started)
     best = winner.fitted
     best.summary["sweep"] = {"configurations": len(trials), "selected": winner.index + 1,
-                             "selected_by": "validation loss", "mode": "exhaustive" if exhaustive else
-                             "successive halving", "rungs": rungs, "seconds": round(result.seconds, 3),
+                             "selected_by": "validation loss", "default": default and default.index + 1,
+                             "mode": "exhaustive" if exhaustive else "successive halving", "rungs": rungs,
+                             "seconds": round(result.seconds, 3),
                              "table": SWEEP_CSV, "rows": result.rows}
     if out is not None:
         from nnfit import runfolder
@@ -304,12 +342,10 @@ def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:
 
 
 def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None, problem, n_train: int, ctx,
-                 reporter) -> None:
+                 reporter, label: str = "") -> None:
     """Train one configuration from the start with ``fraction`` of its full epochs, for at most ``seconds``."""
     from nnfit import api
-    from nnfit.model import MLP
     from nnfit.progress import Reporter
-    from nnfit.train import choose_recipe
 
     config = trial.config
     if trial.settled:
@@ -317,11 +353,11 @@ def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None
         reporter.log(f"  rung {rung + 1}, #{trial.index + 1}: stopped by itself in rung {rung}, with no schedule "
                      "tied to the budget; a larger budget gives the same run")
         return
-    n_params = sum(p.numel() for p in MLP(len(problem.input_names), len(problem.target_names),
-                                          config.hidden, config.activation).parameters())
-    full = choose_recipe(config, n_train, n_params)
-    budget = config.replace(epochs=max(1, math.ceil(full.epochs * fraction)), out=None, plots=False, quiet=True,
-                            verbose=False, tensorboard=False,
+    full = _recipe(config, problem, n_train)
+    # The full budget is the ordinary run's own settings (its config.json trains it again); a rung's share is
+    # a fraction of the epochs that run would have.
+    epochs = config.epochs if fraction == 1 else max(1, math.ceil(full.epochs * fraction))
+    budget = config.replace(epochs=epochs, out=None, plots=False, quiet=True, verbose=False, tensorboard=False,
                             time_budget=seconds)
     started = time.perf_counter()
     try:
@@ -339,8 +375,33 @@ def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None
         fitted.config = fitted.config.replace(quiet=config.quiet, plots=config.plots)
     lr = "auto" if config.lr is None else f"{config.lr:g}"
     outcome = f"validation loss {trial.val_loss:.3e}" if fitted is not None else "diverged"
-    reporter.log(f"  rung {rung + 1}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
-                 f"{config.activation}, {budget.epochs} epochs: {outcome} ({time.perf_counter() - started:.1f} s)")
+    reporter.log(f"  {label or f'rung {rung + 1}'}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
+                 f"{config.activation}, {epochs or full.epochs} epochs: {outcome} "
+                 f"({time.perf_counter() - started:.1f} s)")
+
+
+def _left(config: Config, started: float) -> float | None:
+    """Seconds of the sweep's time budget still to spend (None: no budget)."""
+    return config.time_budget - (time.perf_counter() - started) if config.time_budget else None
+
+
+def _default_trial(trials: list[Trial], base: Config, problem, n_train: int) -> Trial | None:
+    """The configuration whose run is the one nnfit train would run with the sweep's other options: the base
+    network and activation, and the learning rate the recipe would pick (an explicit 3e-3 is Adam's auto)."""
+    recipe = _recipe(base, problem, n_train)
+    for t in trials:
+        if (t.config.hidden, t.config.activation) == (base.hidden, base.activation) and \
+                _recipe(t.config, problem, n_train) == recipe:
+            return t
+    return None
+
+
+def _as_full_run(trial: Trial, problem, n_train: int) -> None:
+    """A run that stopped by itself (patience, L-BFGS converged) with no schedule tied to its epochs is the
+    full run's: say so in its config and recipe, which a short rung had capped."""
+    full = _recipe(trial.config, problem, n_train)
+    trial.fitted.config = trial.fitted.config.replace(epochs=trial.config.epochs)
+    trial.fitted.summary["recipe"] = full.describe()
 
 
 def _recipe(config: Config, problem, n_train: int):

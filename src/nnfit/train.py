@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from nnfit import devices, freeze, graphed, trainstate
+from nnfit.model import clip_grad_norm_
 from nnfit.model import members as count_members
+from nnfit.model import training_memory
 from nnfit.errors import NnfitError, TrainingDiverged
 from nnfit.errors import setting as S
 
 LBFGS_ITERATIONS_PER_EPOCH = 20
+LBFGS_HISTORY = 50  # the curvature pairs L-BFGS keeps
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
 DEFAULT_STEPS = 20_000  # Adam/SGD steps when --epochs is not given
 # Rows per forward pass x parameters up to which one CPU thread trains about as fast as two on a quiet
@@ -119,8 +122,9 @@ def make_optimizer(params, recipe: Recipe, config) -> torch.optim.Optimizer:
         group["base_lr"] = group["lr"]
         groups.append(group)
     if recipe.optimizer == "lbfgs":
-        return torch.optim.LBFGS(groups, lr=recipe.lr, max_iter=LBFGS_ITERATIONS_PER_EPOCH, history_size=50,
-                                 tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+        return torch.optim.LBFGS(groups, lr=recipe.lr, max_iter=LBFGS_ITERATIONS_PER_EPOCH,
+                                 history_size=LBFGS_HISTORY, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                 line_search_fn="strong_wolfe")
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, foreach=True)
@@ -271,6 +275,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     steps_per_epoch = 1 if lbfgs else math.ceil((n_train - n_train % ctx.world_size) / (rank_batch * ctx.world_size))
     plan = StepPlan.build(config, ctx, data, reporter, count_members(freeze.unwrap(model)))
     plan.member_lr = _member_lr(member_lrs, recipe, plan, model)
+    plan.guard.estimate = memory_estimate(model, config, recipe, n_train, ctx.world_size)  # for an OOM's message
     result = TrainResult(recipe, threads=torch.get_num_threads() if ctx.device.type == "cpu" else None)
     run = Run(model, recipe, config, ctx, plan, saver, result, unfreeze, Schedule.of(recipe, steps_per_epoch))
     # Early stopping waits for the last scheduled unfreeze: the run was asked to train those parameters.
@@ -820,7 +825,7 @@ def make_step(model, optimizer, plan: "StepPlan", config):
     eager = EagerStep(model, optimizer, plan, config.grad_clip)
     why = graphed.why_eager(optimizer, plan, config)
     if why is None:
-        return graphed.GraphedStep(model, optimizer, plan, config, eager, log=plan.guard.log)
+        return graphed.GraphedStep(model, optimizer, plan, config, eager, log=plan.guard.log, loss=_mse)
     if plan.device.type == "cuda" and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS captures its closure
         plan.note(f"training step: eager, not a CUDA graph ({why})")
     return eager
@@ -852,7 +857,7 @@ class EagerStep:
         if plan.scaler is not None:
             plan.scaler.unscale_(optimizer)  # clip and step on the true gradients
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(_all_params(optimizer), self.grad_clip, foreach=True)
+            clip_grad_norm_(_all_params(optimizer), self.grad_clip, plan.members)
         before = _copies(optimizer) if plan.member_lr is not None else None
         if plan.scaler is not None:
             plan.scaler.step(optimizer)
@@ -1151,3 +1156,33 @@ class _MemberViews:
 
 def _same_objects(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def memory_estimate(model, config, recipe: Recipe, n_train: int, world_size: int = 1, dtype=None):
+    """What training an ensemble (a StackedMLP) needs on each worker by ``model.training_memory``, for this
+    recipe: its optimizer's state, its rows per step, the rows each member's epoch gathers; None for one
+    network or a custom module, which are not checked."""
+    net = freeze.unwrap(model)
+    if count_members(net) == 1:
+        return None
+    moments = {"adam": 2, "adamw": 2, "sgd": 1 if config.momentum else 0}.get(recipe.optimizer, 2 * LBFGS_HISTORY + 2)
+    lbfgs = recipe.optimizer == "lbfgs"  # full batch: each worker's part of the rows, taken in place
+    part = math.ceil(n_train / world_size)
+    batch = part if lbfgs else recipe.batch_size // world_size if world_size > 1 else recipe.batch_size
+    size = (dtype or next(net.parameters()).dtype).itemsize
+    return training_memory(net.n_inputs, net.n_outputs, net.hidden, net.members, size, moments, batch,
+                           0 if lbfgs else part, config.min_batch_size,
+                           "full-batch L-BFGS" if lbfgs else recipe.optimizer)
+
+
+def check_memory(model, config, n_train: int, ctx, dtype, reporter) -> None:
+    """Before an ensemble is placed on its device: refuse one that cannot fit there even in the smallest
+    micro-batches (``devices.check_members_fit``), naming the most members that fit by the estimate."""
+    net = freeze.unwrap(model)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    estimate = memory_estimate(net, config, choose_recipe(config, n_train, trainable), n_train, ctx.world_size, dtype)
+    if estimate is None:
+        return
+    p = next(net.parameters())
+    held = p.element_size() * sum(t.numel() for t in net.parameters()) if p.device == ctx.device else 0
+    devices.check_members_fit(estimate, ctx.device, held, reporter.log)
