@@ -2,6 +2,7 @@
 
     python bench/sweep.py                        # 4-input formula, 10,000 samples, the device nnfit picks
     python bench/sweep.py --device cpu --samples 2000 --factor 3.5
+    python bench/sweep.py --device cpu --sweeps networks   # one of the two sweeps (half the time)
     python bench/sweep.py --quick                # 300 samples, 6 epochs: checks the script (tests/test_bench_smoke.py)
 
 Target: a 12-configuration sweep finishes in at most 4x the wall time of one default run, and its winner's
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads for every run (a busy machine: 1)")
     parser.add_argument("--uncapped", action="store_true", help="also time the networks sweep without a budget")
     parser.add_argument("--quick", action="store_true", help="300 samples and 6 epochs: checks the script only")
+    parser.add_argument("--sweeps", default="networks,adam",
+                        help="which budgeted sweeps to run: networks, adam or both (default: networks,adam)")
     args = parser.parse_args()
     quick = {"samples": 300, "epochs": 6, "test_samples": 1000} if args.quick else {}
     import torch
@@ -60,8 +63,14 @@ def main() -> None:
     default_s = time.perf_counter() - started
     budget = args.factor * default_s
     runs = [("networks x activations, epoch caps only", NETWORKS, None)] if args.uncapped else []
-    runs += [(f"networks x activations, --time-budget {budget:.0f}", NETWORKS, budget),
-             (f"the issue's example (adam, lr x networks x activations), --time-budget {budget:.0f}", ADAM, budget)]
+    chosen = set(args.sweeps.split(","))
+    if not chosen or chosen - {"networks", "adam"}:
+        parser.error(f"--sweeps takes networks, adam or networks,adam; got {args.sweeps!r}")
+    if "networks" in chosen:
+        runs.append((f"networks x activations, --time-budget {budget:.0f}", NETWORKS, budget))
+    if "adam" in chosen:
+        runs.append((f"the issue's example (adam, lr x networks x activations), --time-budget {budget:.0f}", ADAM,
+                     budget))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device "
           f"{default.summary['device']}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}, threads {args.threads or 'nnfit default'}\n")
     print(f"`{FORMULA}` on [-2, 2]⁴, {common['samples']} samples; test NMSE on {default.config.test_samples:,} "
