@@ -140,9 +140,11 @@ def clip_grad_norm_(params, max_norm: float, members: int = 1) -> None:
 
 
 # Copies of the parameters that training keeps besides the optimizer's state (train.py): the weights and
-# their gradients; the best weights and the starting values (Run); the rollback's snapshot of the last good
-# epoch (weights, optimizer state, best weights, starting values), two of them while a new one replaces the
-# old (Rollback.good). ``training_memory`` adds the optimizer's state to the weights' share of each snapshot.
+# their gradients; the best weights and the starting values (Run); the rollback point of the last good
+# epoch (weights, optimizer state, best weights, starting values: Run.keep_point, one, rewritten in place
+# every epoch), and at the first epoch's end the point the run started from, still held while that one is
+# made: a fresh run's holds no optimizer state yet, a resumed run's does. ``training_memory`` counts the
+# resumed case, the larger, adding the optimizer's state to the weights' share of both points.
 TRAINING_COPIES = 2 + 2 + 2 * 3
 # Activations one row of a batch keeps per unit of each layer's output: the linear map's output, the
 # activation's output, and the gradient of one of them while the backward pass runs.
@@ -157,7 +159,7 @@ def training_memory(n_inputs: int, n_outputs: int, hidden, members: int, element
     ``element_size`` bytes. K members need K times as much: nothing is shared among them."""
     widths = [n_inputs, *hidden, n_outputs]
     parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
-    copies = TRAINING_COPIES + 3 * moments  # the optimizer's state: live, and in each of the two snapshots
+    copies = TRAINING_COPIES + 3 * moments  # the optimizer's state: live, and in both points
     what = (f"{copies} copies (weights, gradients, {moments} of the optimizer's state, "
             f"{copies - 2 - moments} in the loop's snapshots)")  # "... of its N parameters" follows
     return devices.MemoryEstimate(
