@@ -34,9 +34,10 @@ LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS
 DEFAULT_STEPS = 20_000  # Adam/SGD steps when --epochs is not given
 # Rows per forward pass x parameters up to which one CPU thread trains about as fast as two on a quiet
 # machine (the matmuls are too small to split), while on a busy one the threads' barriers cost up to 100x.
-# Above it the thread count follows the cores that are free (devices.cpu_threads). A full-batch L-BFGS
-# iteration gains less from a second thread (10 % for the tutorial's 900 rows, 9e6, against 1.5x for an
-# Adam step of 1e7), and one thread keeps the demo's numbers the same on every machine: `python bench/threads.py`.
+# Above it the thread count follows the cores that are free (devices.cpu_threads). Full-batch L-BFGS keeps
+# one thread up to 2e7: a second one makes the demo (900 rows, 9e6) at most 1.3x faster on a quiet machine
+# (`python bench/threads.py`: 0.76 of the time per epoch; about 0.9 of `nnfit demo`'s training time), and
+# one thread keeps the demo's numbers the same on every machine (threads change MKL's summation order).
 ONE_THREAD_MAX_WORK = 1e6
 ONE_THREAD_MAX_WORK_LBFGS = 2e7
 MAX_ROLLBACKS = 3  # retries, each with half the learning rate, after a non-finite loss
