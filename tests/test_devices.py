@@ -255,12 +255,9 @@ def test_cpu_threads_leaves_gpu_and_ddp_runs_alone(monkeypatch):
     assert devices.cpu_threads(None, True, worker) == (1, "")  # a small network: one thread, as in one process
 
 
-def test_free_cores_reads_proc_stat(monkeypatch, tmp_path):
-    """Two readings of /proc/stat: cpu0 busy all the time, cpu1 idle all the time -> one core free."""
-    readings = iter([
-        "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 100 0 0 0 0 0 0\nintr 1\n",
-        "cpu  0 0 0 0 0 0 0 0\ncpu0 105 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 105 0 0 0 0 0 0\nintr 1\n",
-    ])
+def _fake_proc_stat(monkeypatch, tmp_path, *readings: str) -> None:
+    """/proc/stat reads ``readings`` in turn, on a process allowed on cpu0 and cpu1."""
+    readings = iter(readings)
     real_open = open
 
     def fake_open(path, *args, **kwargs):
@@ -272,28 +269,23 @@ def test_free_cores_reads_proc_stat(monkeypatch, tmp_path):
 
     monkeypatch.setattr("builtins.open", fake_open)
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1})
+
+
+def test_free_cores_reads_proc_stat(monkeypatch, tmp_path):
+    """Two readings of /proc/stat: cpu0 busy all the time, cpu1 idle all the time -> one core free."""
+    _fake_proc_stat(monkeypatch, tmp_path,
+                    "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 100 0 0 0 0 0 0\nintr 1\n",
+                    "cpu  0 0 0 0 0 0 0 0\ncpu0 105 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 105 0 0 0 0 0 0\nintr 1\n")
     assert devices.free_cores(window=0) == pytest.approx(1.0)
 
 
 def test_free_cores_is_never_negative_on_a_full_machine(monkeypatch, tmp_path):
     """Both cores busy the whole window, and this process's own CPU time read a hair back (float
     rounding of os.times): the busy share comes out a hair above 1, and the answer must still be 0."""
-    readings = iter([
-        "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 0 0 0 0 0 0 0\ncpu1 100 0 0 0 0 0 0 0 0 0\n",
-        "cpu  0 0 0 0 0 0 0 0\ncpu0 105 0 0 0 0 0 0 0 0 0\ncpu1 105 0 0 0 0 0 0 0 0 0\n",
-    ])
-    real_open = open
-
-    def fake_open(path, *args, **kwargs):
-        if path == "/proc/stat":
-            target = tmp_path / "stat"
-            target.write_text(next(readings))
-            return real_open(target, *args, **kwargs)
-        return real_open(path, *args, **kwargs)
-
+    _fake_proc_stat(monkeypatch, tmp_path,
+                    "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 0 0 0 0 0 0 0\ncpu1 100 0 0 0 0 0 0 0 0 0\n",
+                    "cpu  0 0 0 0 0 0 0 0\ncpu0 105 0 0 0 0 0 0 0 0 0\ncpu1 105 0 0 0 0 0 0 0 0 0\n")
     times = iter([os.times_result((1.0, 0.0, 0.0, 0.0, 0.0)), os.times_result((1.0 - 1e-12, 0.0, 0.0, 0.0, 0.0))])
-    monkeypatch.setattr("builtins.open", fake_open)
-    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(devices.os, "times", lambda: next(times))
     assert devices.free_cores(window=0) == 0.0
 

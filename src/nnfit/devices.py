@@ -450,20 +450,27 @@ def _format_bytes(n: float) -> str:
 
 # Out of memory.
 
-def free_host_memory() -> int:
-    """Bytes of memory that this process could still allocate: MemAvailable on Linux, the free
-    physical pages elsewhere; a very large number where neither can be read."""
+def _host_memory(meminfo_key: str, pages: str) -> int | None:
+    """Bytes of host memory: ``meminfo_key`` of /proc/meminfo on Linux, else sysconf's ``pages`` x the page
+    size; None where neither can be read."""
     try:
         with open("/proc/meminfo") as file:
             for line in file:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(meminfo_key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 1 << 62
+        return None
+
+
+def free_host_memory() -> int:
+    """Bytes of memory that this process could still allocate: MemAvailable on Linux, the free
+    physical pages elsewhere; a very large number where neither can be read."""
+    free = _host_memory("MemAvailable", "SC_AVPHYS_PAGES")
+    return 1 << 62 if free is None else free
 
 
 def check_fits_in_memory(nbytes: int, what: str, remedy: str) -> None:
@@ -476,17 +483,7 @@ def check_fits_in_memory(nbytes: int, what: str, remedy: str) -> None:
 
 def total_host_memory() -> int | None:
     """Bytes of physical memory (MemTotal on Linux); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return _host_memory("MemTotal", "SC_PHYS_PAGES")
 
 
 def memory_of(device: torch.device) -> tuple[int, int | None]:

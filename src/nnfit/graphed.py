@@ -42,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nnfit.model import clip_grad_norm_
+from nnfit.model import batch_rows, clip_grad_norm_
 
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture: lazy state (optimizer, cuBLAS) is made there
 GRAPHED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
@@ -225,7 +225,7 @@ class GraphedStep:
         size = plan.micro or n
         total = None
         for i in range(0, n, size):  # after an out-of-memory halving: chunks, gradients accumulated
-            xb, yb = _rows(X, i, i + size), _rows(Y, i, i + size)
+            xb, yb = batch_rows(X, i, i + size), batch_rows(Y, i, i + size)
             # cache_enabled=False: autocast's cache of casted weights must not outlive a capture.
             with torch.autocast(plan.device.type, dtype=plan.amp, enabled=plan.amp is not None,
                                 cache_enabled=False):
@@ -412,11 +412,6 @@ class GraphedStep:
 
     def _params(self) -> list:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-
-def _rows(T: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of (n, d) data, or of each member's (K, n, d) data."""
-    return T[start:stop] if T.dim() == 2 else T[:, start:stop]
 
 
 def _out_of_memory(exc: BaseException | None):

@@ -169,6 +169,11 @@ def training_memory(n_inputs: int, n_outputs: int, hidden, members: int, element
         widths=tuple(hidden), optimizer=optimizer)
 
 
+def batch_rows(T: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of (n, d) data, or of each member's (K, n, d) data (a StackedMLP's input)."""
+    return T[start:stop] if T.dim() == 2 else T[:, start:stop]
+
+
 def members(model: nn.Module) -> int:
     """How many networks ``model`` stacks: K for a StackedMLP, 1 for anything else."""
     return getattr(model, "members", 1) if isinstance(model, StackedMLP) else 1

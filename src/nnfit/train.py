@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nnfit import devices, freeze, graphed, trainstate
-from nnfit.model import clip_grad_norm_
+from nnfit.model import batch_rows, clip_grad_norm_
 from nnfit.model import members as count_members
 from nnfit.model import training_memory
 from nnfit.errors import NnfitError, TrainingDiverged
@@ -453,7 +453,6 @@ class Run:
         # The rollback point: one state whose tensors every epoch's end overwrites (keep_point), and which
         # changes of best_state and start_values it holds (versions, counted up when either changes).
         self._point, self._versions, self._point_versions = None, [0, 0], None
-        self._member_views = _MemberViews()  # an ensemble's per-member slices of best_state and the weights
         self._prepare_views()
         self.net = _wrap(model, ctx)
         self.step = make_step(self.net, self.optimizer, plan, config)
@@ -494,14 +493,18 @@ class Run:
         if members is None:
             trainstate.copy_into([self.best_state[k] for k in live], list(live.values()))
         else:
-            best, now = self._member_views(self.best_state, live, members)
-            trainstate.copy_into(best, now)
+            trainstate.copy_into([t for k in members for t in self._member_rows[k][0]],
+                                 [t for k in members for t in self._member_rows[k][1]])
         self._versions[0] += 1
 
+    @torch.no_grad()  # views to copy from and into, not parts of any graph
     def _prepare_views(self) -> None:
-        """An ensemble's member slices, made now rather than in the first epoch where only some improve."""
-        if self.plan.members > 1:
-            self._member_views(self.best_state, freeze.unwrap(self.model).state_dict(keep_vars=True), [])
+        """An ensemble's per-member slices (views) of ``best_state`` and of the live weights, made whenever
+        ``best_state`` is new (the start, a restore): copying some members' best weights is then one foreach
+        copy over their slices, not a select per tensor and member every epoch."""
+        live = freeze.unwrap(self.model).state_dict(keep_vars=True)
+        self._member_rows = [([self.best_state[n][k] for n in live], [t[k] for t in live.values()])
+                             for k in range(self.plan.members if self.plan.members > 1 else 0)]
 
     def keep_point(self, position) -> trainstate.State:
         """The state at an epoch's end that a divergence rolls back to (and that the saver may write).
@@ -776,8 +779,7 @@ def _epoch(step, schedule: Schedule, optimizer, X, Y, batch_size, config, report
     shown = total if plan.members == 1 else _MeanOf(total)  # what the progress bar reads, when it redraws
     log_every = config.log_every
     while i < n:
-        xb, yb = (X[i:i + batch_size], Y[i:i + batch_size]) if X.dim() == 2 else \
-            (X[:, i:i + batch_size], Y[:, i:i + batch_size])
+        xb, yb = batch_rows(X, i, i + batch_size), batch_rows(Y, i, i + batch_size)
         rows = xb.shape[-2]
         if plan.stream:  # data in (pinned) CPU memory: copy this batch while the GPU works
             xb, yb = xb.to(plan.device, non_blocking=True), yb.to(plan.device, non_blocking=True)
@@ -909,8 +911,8 @@ def _forward_backward(model, X, Y, plan, weight: float) -> torch.Tensor:
     size = plan.micro or n
     total = None
     for i in range(0, n, size):
-        xb = _rows(X, i, i + size).to(plan.device, non_blocking=True)
-        yb = _rows(Y, i, i + size).to(plan.device, non_blocking=True)
+        xb = batch_rows(X, i, i + size).to(plan.device, non_blocking=True)
+        yb = batch_rows(Y, i, i + size).to(plan.device, non_blocking=True)
         # Under DDP only the last chunk all-reduces gradients: one exchange per step, whatever the chunking.
         sync = model.no_sync() if plan.ddp and i + size < n else nullcontext()
         with sync:
@@ -921,11 +923,6 @@ def _forward_backward(model, X, Y, plan, weight: float) -> torch.Tensor:
             (plan.scaler.scale(summed) if plan.scaler is not None else summed).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
-
-
-def _rows(T: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of (n, d) data, or of each member's (K, n, d) data."""
-    return T[start:stop] if T.dim() == 2 else T[:, start:stop]
 
 
 def _lbfgs_epoch(model, optimizer, X, Y, grad_clip, plan, n_total: int, graph=None) -> torch.Tensor:
@@ -1137,28 +1134,6 @@ def _copy_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-class _MemberViews:
-    """An ensemble's per-member slices (views) of the best weights and of the live ones, made once and
-    kept while both sets of tensors stay the same objects: copying some members' best weights is then one
-    foreach copy over their slices, not a select per tensor and member every epoch."""
-
-    def __init__(self):
-        self._of: tuple = ((), ())
-        self._rows: list = []
-
-    def __call__(self, best: dict, live: dict, members: list[int]) -> tuple[list, list]:
-        targets, sources = [best[k] for k in live], list(live.values())
-        if not (_same_objects(self._of[0], targets) and _same_objects(self._of[1], sources)):
-            self._of = (targets, sources)
-            with torch.no_grad():  # views to copy from and into, not parts of any graph
-                self._rows = [([t[k] for t in targets], [s[k] for s in sources]) for k in range(len(sources[0]))]
-        return ([t for k in members for t in self._rows[k][0]], [s for k in members for s in self._rows[k][1]])
-
-
-def _same_objects(a, b) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
 def memory_estimate(model, config, recipe: Recipe, n_train: int, world_size: int = 1, dtype=None):
     """What training an ensemble (a StackedMLP) needs on each worker by ``model.training_memory``, for this
     recipe: its optimizer's state, its rows per step, the rows each member's epoch gathers; None for one
@@ -1169,7 +1144,7 @@ def memory_estimate(model, config, recipe: Recipe, n_train: int, world_size: int
     moments = {"adam": 2, "adamw": 2, "sgd": 1 if config.momentum else 0}.get(recipe.optimizer, 2 * LBFGS_HISTORY + 2)
     lbfgs = recipe.optimizer == "lbfgs"  # full batch: each worker's part of the rows, taken in place
     part = math.ceil(n_train / world_size)
-    batch = part if lbfgs else recipe.batch_size // world_size if world_size > 1 else recipe.batch_size
+    batch = part if lbfgs else recipe.batch_size // world_size  # rows per step on each worker (_rank_batch)
     size = (dtype or next(net.parameters()).dtype).itemsize
     return training_memory(net.n_inputs, net.n_outputs, net.hidden, net.members, size, moments, batch,
                            0 if lbfgs else part, config.min_batch_size,
