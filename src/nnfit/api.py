@@ -218,7 +218,7 @@ class FittedModel:
                               kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
             with runfolder.staged(out) as stage:
                 self._write_files(stage)
-            runfolder.commit(out, keep=("tb",) if self.config.tensorboard else ())
+            runfolder.commit(out, keep=self._tensorboard_events())
         if plots:
             from nnfit import html_report
 
@@ -226,6 +226,11 @@ class FittedModel:
                 report.write_plots(out, self, problem)
                 html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
         return out
+
+    def _tensorboard_events(self) -> tuple[str, ...]:
+        """What of RUN/tb the commit keeps: this run's events (tb/<its start>), and no earlier run's."""
+        events = self.summary.get("tensorboard")
+        return (events,) if self.config.tensorboard and events else ()
 
     def _write_files(self, out: Path) -> None:
         """The run's model, metadata, config, summary and metrics (not the plots) into ``out``."""
@@ -451,6 +456,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["oom_retries"] = result.oom_retries
     if result.threads is not None:
         summary["threads"] = result.threads
+    if config.tensorboard and saver is not None:
+        summary["tensorboard"] = f"{runfolder.TENSORBOARD}/{saver.info['tensorboard_run']}"
     summary["peak_memory"] = devices.peak_memory(ctx)  # a collective under DDP: every rank gets here
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
@@ -575,6 +582,9 @@ def _saver(config: Config, ctx, problem: Problem, user_model, module) -> trainst
     info = {"nnfit_version": nnfit.__version__, "config": config.replace(resume=False).to_dict(),
             "fingerprint": fingerprint, "source": "dataframe" if config.data is None and config.formula is None
             else problem.source, "custom_model": type(user_model).__name__ if user_model is not None else None}
+    if config.tensorboard:  # RUN/tb/<this>: the run's events, continued by a resume, the only ones kept at the end
+        info["tensorboard_run"] = (state.info.get("tensorboard_run") if state is not None else None) \
+            or runfolder.new_events_name(config.out)
     return trainstate.Saver(config.out, config.checkpoint_every, ctx.is_main, info, state, ctx.distributed)
 
 

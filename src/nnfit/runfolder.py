@@ -26,7 +26,7 @@ import shutil
 import stat
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from nnfit.config import ACTIVATIONS, DTYPES, FIELDS, Config
@@ -37,9 +37,11 @@ STATE_VERSION = 1
 WEIGHTS, META, CONFIG, SUMMARY, STATE = "model.safetensors", "model.json", "config.json", "summary.json", "state.json"
 STATE_TENSORS = "state-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"  # a glob: state-000012.safetensors
 LOCK, STAGING, COMPLETE = ".nnfit.lock", ".nnfit-staging", ".complete"
+TENSORBOARD = "tb"  # RUN/tb/<run>: --tensorboard's events, written during training, one folder per run
+EVENTS_NAME = r"[0-9]{8}-[0-9]{6}(-[0-9]+)?"  # <run>: when it started (new_events_name)
 # Every name a training run writes in its folder, and the files `nnfit export` writes there by default.
-RUN_FILES = (WEIGHTS, META, CONFIG, SUMMARY, "metrics.csv", "fit.png", "loss.png", "report.html", STATE, "tb",
-             "sweep.csv")
+RUN_FILES = (WEIGHTS, META, CONFIG, SUMMARY, "metrics.csv", "fit.png", "loss.png", "report.html", STATE,
+             TENSORBOARD, "sweep.csv")
 EXPORT_FILES = ("model.onnx", "model.pt")
 
 JSON_LIMIT = 64 << 20  # a run's JSON files are kilobytes; state.json with a long history a few megabytes
@@ -270,6 +272,7 @@ SUMMARY_SCHEMA = record({}, {  # descriptive: what a newer nnfit adds is ignored
     "train_seconds": number(0), "total_seconds": number(0), "parameters": integer(0),
     "validation": optional(metrics), "test": optional(metrics), "test_samples": integer(1),
     "frozen": text(), "world_size": integer(1), "precision": text(), "device": text(), "threads": integer(1),
+    "tensorboard": text(pattern=re.compile(rf"{TENSORBOARD}/{EVENTS_NAME}")),
     "parameter_table": items(record({"name": text(nonempty=True), "shape": items(integer(0, MAX_WIDTH), 0, 64),
                                      "numel": integer(0), "trainable": boolean,
                                      "grad_norm": optional(number(finite=False)),
@@ -294,7 +297,7 @@ STATE_SCHEMA = record({
     "scheduler": optional(mapping(anything)), "scaler": optional(mapping(anything)),
     "micro": optional(integer(1)), "eval_chunk": optional(integer(1)), "oom_retries": items(mapping(anything)),
     "unfrozen_at": mapping(integer(1)), "rollbacks": items(mapping(anything)), "saves": integer(1),
-    "seconds": number(0),
+    "seconds": number(0), "tensorboard_run": text(pattern=re.compile(EVENTS_NAME)),
     "lr_factor": number(positive=True),  # the schedule's factor after rollbacks halved the learning rate
     "member_best": items(items(number(finite=False)), 2, 2),  # an ensemble's best epoch and loss per member
 })
@@ -709,7 +712,7 @@ class Claim:
                              f"are kept), or choose another --out{stopped}")
         for name in ours:
             mode = os.lstat(folder / name).st_mode
-            if not (stat.S_ISREG(mode) or (name == "tb" and stat.S_ISDIR(mode))):
+            if not (stat.S_ISREG(mode) or (name == TENSORBOARD and stat.S_ISDIR(mode))):
                 raise NnfitError(f"{folder / name} is {_kind(mode)}, not a regular file; nnfit replaces only "
                                  "its own regular files: move it away first")
         if theirs:
@@ -796,8 +799,9 @@ def staged(folder):
 
 def commit(folder, keep=()) -> None:
     """Move the staged files into ``folder``, model.json last, then remove the run files of a previous run
-    that this one did not write (``keep``: files this run wrote directly, such as ``tb``) and any training
-    state. A marker written first lets the next reader or writer finish a commit that a crash cut short."""
+    that this one did not write (``keep``: what this run wrote directly, such as ``tb/<run>``, whose
+    siblings in ``tb`` are a previous run's and go too) and any training state. A marker written first lets
+    the next reader or writer finish a commit that a crash cut short."""
     from nnfit.checkpoint import atomic_write_bytes
 
     folder = Path(folder)
@@ -819,19 +823,41 @@ def _finish_commit(folder: Path) -> None:
     except (OSError, ValueError):
         shutil.rmtree(stage, ignore_errors=True)  # an unfinished write: the previous run is untouched
         return
-    written = set(plan["files"]) | set(plan["keep"])
+    kept = [PurePosixPath(k).parts for k in plan["keep"]]
+    written = set(plan["files"]) | {parts[0] for parts in kept}
     for name in plan["files"]:
         if os.path.lexists(stage / name):
             os.replace(stage / name, folder / name)
     for p in list(folder.iterdir()):
         if p.name in written or p.name in (LOCK, STAGING) or not is_run_file(p.name):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        _remove(p)
+    for parts in kept:  # tb/<run>: what else is in tb is an earlier run's
+        events = folder / TENSORBOARD
+        if len(parts) == 2 and parts[0] == TENSORBOARD and parts[1] not in (".", "..") \
+                and events.is_dir() and not events.is_symlink():
+            for p in list(events.iterdir()):
+                if p.name != parts[1]:
+                    _remove(p)
     fsync_dir(folder)
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def new_events_name(out) -> str:
+    """A name for a new run's folder in RUN/tb: the time now (20261127-235901), or with -2, -3, ... the
+    first such name not yet there (a run replaced within the same second)."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = (stamp if i == 1 else f"{stamp}-{i}" for i in range(1, 10 ** 6))
+    return next(name for name in names if not os.path.lexists(Path(out) / TENSORBOARD / name))
 
 
 def check_free(folder) -> None:

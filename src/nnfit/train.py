@@ -284,7 +284,7 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     X_val, Y_val = _rank_part(data.X_val, ctx), _rank_part(data.Y_val, ctx)
     if lbfgs:  # full batch: each rank holds a contiguous part of the training rows
         X_full, Y_full = _rank_part(data.X_train, ctx), _rank_part(data.Y_train, ctx)
-    writer = _tensorboard(config, ctx)  # None unless --tensorboard; only the main process writes
+    writer = _tensorboard(config, ctx, saver)  # None unless --tensorboard; only the main process writes
 
     saver.capture = run.snapshot
     reporter.start(recipe, n_train, len(data.X_val))
@@ -741,8 +741,11 @@ def _add_group(optimizer, group: dict, recipe: Recipe) -> None:
     optimizer.add_param_group(group)
 
 
-def _tensorboard(config, ctx):
-    """A SummaryWriter on RUN/tb with --tensorboard (imported here: tensorboard is an optional extra)."""
+def _tensorboard(config, ctx, saver):
+    """A SummaryWriter on RUN/tb/<the run's start> with --tensorboard (imported here: tensorboard is an
+    optional extra). Each run writes its own folder, so a run replacing another (--overwrite) is never
+    drawn on top of it; a resumed run continues the folder, and the epochs it trains again after the saved
+    state are purged from it (purge_step), so each epoch is drawn once."""
     if not (getattr(config, "tensorboard", False) and ctx.is_main):
         return None
     try:
@@ -753,7 +756,14 @@ def _tensorboard(config, ctx):
                          f"or drop {S('tensorboard')}") from None
     from pathlib import Path
 
-    return SummaryWriter(log_dir=str(Path(config.out) / "tb"))
+    from nnfit.runfolder import TENSORBOARD, new_events_name
+
+    name = saver.info.get("tensorboard_run") or new_events_name(config.out)
+    purge = None
+    if saver.resume is not None:  # the first epoch this process logs: the interrupted one, or the next
+        position = saver.resume.position
+        purge = position["epoch"] + 1 if position.get("finished") else max(position["epoch"], 1)
+    return SummaryWriter(log_dir=str(Path(config.out) / TENSORBOARD / name), purge_step=purge)
 
 
 def _log_scalars(writer, row: dict, model, n_train: int) -> None:
