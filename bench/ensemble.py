@@ -1,7 +1,7 @@
 """Ensembles: K stacked members trained as one computation, against one member; and what the ensemble's
 spread says.
 
-    python bench/ensemble.py            # about two minutes on 2 CPU cores
+    python bench/ensemble.py            # about six minutes on 2 CPU cores
     python bench/ensemble.py --quick    # a few seconds: a smoke run, not a measurement
 
 1. Speed: K = 8 members of the tutorial network (1 -> 100 -> 100 -> 1 tanh), Adam, fixed epochs over
@@ -9,8 +9,9 @@ spread says.
    1024 on the CPU, and at batch 1024 on a GPU when one is present (there over 1,048,576 samples, so
    that the step, captured as one CUDA graph, and not the capture or the per-epoch work, is measured;
    a note under the table says whether each run's step was captured). Training seconds come from nnfit's
-   own summary (after a warm-up run); achieved GFLOP/s is 6 x weights x samples/s x members, against a
-   large fp32 matmul measured in the same run.
+   own summary: after a warm-up run of each, 5 runs of each, alternating, and their medians, with each
+   pair's ratio beside the ratio of the medians, since a shared machine's speed drifts. Achieved GFLOP/s
+   is 6 x weights x samples/s x members, against a large fp32 matmul measured in the same run.
 2. Uncertainty: on the tutorial exercise (x**2 + x on [0, 1]) and on sin(3*x)*exp(-x) over [0, 3], an
    ensemble of 8 with nnfit's default recipe (and with Adam): the ensemble mean's test MSE against the
    median member's, the mean std outside the training domain against inside it, the rank correlation
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -31,10 +33,11 @@ from _common import fmt_e, load_report, machine, table  # noqa: E402
 WEIGHTS = 1 * 100 + 100 + 100 * 100 + 100 + 100 * 1 + 1  # the tutorial network's parameters
 
 
-def train_seconds(members: int, batch: int, epochs: int, n: int, device: str,
-                  lines: list) -> tuple[float, int | None]:
-    """nnfit's own training seconds for K = ``members`` (after a warm-up run), and the CPU threads it chose;
-    the run's lines about its step (captured as a CUDA graph or not) go to ``lines``."""
+def train_seconds(batch: int, epochs: int, n: int, device: str, repeats: int,
+                  lines: dict) -> dict[int, tuple[list[float], list]]:
+    """nnfit's own training seconds for K = 1 and K = 8, ``repeats`` runs each, alternating (after a warm-up
+    run of each), and the CPU threads each run chose; a run's lines about its step (captured as a CUDA graph
+    or not) go to ``lines[K]``. Alternating spreads a drift in the machine's speed over both."""
     import numpy as np
     import pandas as pd
 
@@ -42,17 +45,27 @@ def train_seconds(members: int, batch: int, epochs: int, n: int, device: str,
     from nnfit.progress import Reporter
 
     class Keep(Reporter):
+        def __init__(self, members):
+            super().__init__(quiet=True)
+            self.members = members
+
         def log(self, message):
             if "CUDA graph" in message:
-                lines.append(message)
+                lines[self.members].append(message)
 
     x = np.random.default_rng(0).uniform(0, 1, n)
     frame = pd.DataFrame({"x": x, "y": x ** 2 + x})
     common = dict(data=frame, target="y", optimizer="adam", batch_size=batch, val_split=0.0, patience=10 ** 6,
-                  hidden=(100, 100), quiet=True, plots=False, ensemble=members, device=device)
-    nnfit.fit(epochs=1, **common)  # warm-up
-    summary = nnfit.fit(epochs=epochs, reporter=Keep(quiet=True), **common).summary
-    return summary["train_seconds"], summary.get("threads")
+                  hidden=(100, 100), quiet=True, plots=False, device=device)
+    out = {k: ([], []) for k in (1, 8)}
+    for k in out:
+        nnfit.fit(epochs=1, ensemble=k, **common)  # warm-up
+    for _ in range(repeats):
+        for k, (seconds, threads) in out.items():
+            summary = nnfit.fit(epochs=epochs, ensemble=k, reporter=Keep(k), **common).summary
+            seconds.append(summary["train_seconds"])
+            threads.append(summary.get("threads"))
+    return out
 
 
 def matmul_gflops(device: str) -> float:
@@ -77,13 +90,15 @@ def speed(quick: bool) -> None:
     import torch
 
     n, epochs = (2048, 1) if quick else (16384, 3)
+    repeats = 1 if quick else 5
     cases = [("cpu", 64), ("cpu", 1024)] + ([("cuda", 1024)] if torch.cuda.is_available() else [])
     rows, notes = [], []
     for device, batch in cases:
         rows_n = n if device == "cpu" or quick else 1 << 20  # a GPU epoch of 16k rows is 16 steps: too few
         lines: dict = {1: [], 8: []}
-        (one, one_threads), (eight, eight_threads) = (train_seconds(k, batch, epochs, rows_n, device, lines[k])
-                                                      for k in (1, 8))
+        runs = train_seconds(batch, epochs, rows_n, device, repeats, lines)
+        one, eight = (statistics.median(runs[k][0]) for k in (1, 8))
+        ratios = sorted(b / a for a, b in zip(runs[1][0], runs[8][0]))
         if device != "cpu":
             notes += [f"{device}, batch {batch}, {k} member(s): {line}" for k in (1, 8) for line in lines[k][:1]]
             notes += [f"{device}, batch {batch}, {k} member(s): the step was NOT captured" for k in (1, 8)
@@ -91,12 +106,15 @@ def speed(quick: bool) -> None:
         rate = rows_n * epochs / eight
         peak = matmul_gflops(device)
         target = {("cpu", 64): "<= 2x", ("cuda", 1024): "<= 1.3x"}.get((device, batch), "none (compute-bound)")
-        threads = "" if device != "cpu" else f" ({one_threads} / {eight_threads})"
-        rows.append([f"{device}{threads}", batch, f"{one:.2f} s", f"{eight:.2f} s", f"{eight / one:.2f}x", target,
+        chose = lambda k: "/".join(map(str, sorted(set(runs[k][1]))))  # noqa: E731
+        threads = "" if device != "cpu" else f" ({chose(1)} / {chose(8)})"
+        spread = f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x" if len(ratios) > 1 else "-"
+        rows.append([f"{device}{threads}", batch, f"{one:.2f} s", f"{eight:.2f} s", f"{eight / one:.2f}x", spread, target,
                      f"{6 * WEIGHTS * rate * 8 / 1e9:.1f}", f"{peak:.0f}"])
-    print(table(["device (threads: 1 / 8 members)", "batch", "1 member", "8 members", "8 / 1", "target", "8 members GFLOP/s",
-                 "2048^2 matmul GFLOP/s"], rows,
-                f"K = 8 stacked members vs one, 1 -> 100 -> 100 -> 1 tanh, Adam, {epochs} epochs of {n} samples"
+    print(table(["device (threads: 1 / 8 members)", "batch", "1 member", "8 members", "8 / 1", "8 / 1, each pair",
+                 "target", "8 members GFLOP/s", "2048^2 matmul GFLOP/s"], rows,
+                f"K = 8 stacked members vs one, 1 -> 100 -> 100 -> 1 tanh, Adam, {epochs} epochs of {n} samples, "
+                f"median of {repeats} runs each"
                 + (" (on the GPU: 1048576)" if len(cases) > 2 and not quick else "")))
     for line in notes:
         print(f"- {line}")
