@@ -154,6 +154,26 @@ def test_early_stopping_restores_the_best_weights():
     assert len(model.history) <= model.summary["best_epoch"] + 5
 
 
+def test_an_annealing_schedule_trains_every_epoch_unless_patience_is_given():
+    from nnfit.config import Config
+    from nnfit.train import choose_recipe
+
+    adam = choose_recipe(Config(optimizer="adam"), 900, 10_000)
+    assert (adam.schedule, adam.patience) == ("onecycle", None) and "no early stopping" in adam.describe()
+    assert choose_recipe(Config(optimizer="adamw", schedule="cosine"), 900, 10_000).patience is None
+    assert choose_recipe(Config(optimizer="adam", schedule="none"), 900, 10_000).patience == 20
+    assert choose_recipe(Config(optimizer="sgd"), 900, 10_000).patience == 20
+    assert choose_recipe(Config(), 900, 10_000).patience == 10  # L-BFGS
+    assert choose_recipe(Config(optimizer="adam", patience=7), 900, 10_000).patience == 7
+    # A learning rate far too high for this network: the validation loss is best in the first epochs and
+    # stalls while the one-cycle rate is high. Patience 3 stops it; the default runs the whole schedule.
+    settings = dict(samples=200, optimizer="adam", lr=0.5, epochs=30, quiet=True, plots=False)
+    stopped = nnfit.fit(patience=3, **settings).summary
+    assert stopped["stopped"].startswith("no better validation loss") and stopped["epochs"] < 30
+    whole = nnfit.fit(**settings).summary
+    assert whole["epochs"] == 30 and whole["stopped"].startswith("reached")
+
+
 class Custom(nn.Module):
     def __init__(self, n_in=1):
         super().__init__()

@@ -61,3 +61,12 @@ def test_sweep_bench_quick_prints_both_sweeps_against_the_default_run():
         assert float(cells[7]) > 0
     # The networks sweep lists the default configuration: its yardstick run is the timed default run itself.
     assert rows[0][7] == default[4], proc.stdout
+
+
+def test_patience_bench_quick_prints_both_rules_for_each_case():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "patience.py"), "--quick"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| sin(a)", "| x**2"))]
+    assert [row[2].strip() for row in rows] == ["--patience 20 (before)", "default: every epoch"] * 2, proc.stdout
+    assert all(float(row[6]) >= 0 for row in rows), proc.stdout

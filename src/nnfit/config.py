@@ -113,7 +113,8 @@ class Config:
     val_split: float = field(default=0.1, metadata=_opt(
         "fraction of the data held out for validation", kind="float", level="advanced"))
     patience: int | None = field(default=None, metadata=_opt(
-        "stop after this many epochs without a better validation loss (default: 20, or 10 for lbfgs)",
+        "stop after this many epochs without a better validation loss (default: 20, 10 for lbfgs, and none "
+        "with an annealing schedule, onecycle or cosine, which trains every epoch)",
         kind="int", level="advanced"))
     time_budget: float | None = field(default=None, metadata=_opt(
         "stop training after this many seconds", kind="float"))

@@ -62,14 +62,15 @@ class Recipe:
     batch_size: int
     epochs: int
     schedule: str
-    patience: int
+    patience: int | None  # None: no early stopping (a schedule that anneals over every epoch)
 
     def describe(self) -> str:
+        patience = f"patience {self.patience}" if self.patience is not None else "no early stopping"
         if self.optimizer == "lbfgs":
             return (f"full-batch L-BFGS (lr {self.lr:g}, {LBFGS_ITERATIONS_PER_EPOCH} iterations per epoch, "
-                    f"up to {self.epochs} epochs, patience {self.patience})")
+                    f"up to {self.epochs} epochs, {patience})")
         return (f"{self.optimizer} lr {self.lr:g}, batch {self.batch_size}, schedule {self.schedule}, "
-                f"up to {self.epochs} epochs, patience {self.patience}")
+                f"{'up to ' if self.patience is not None else ''}{self.epochs} epochs, {patience}")
 
 
 # Work (training rows x trainable parameters) up to which full-batch L-BFGS is likely to train faster on
@@ -105,7 +106,11 @@ def choose_recipe(config, n_train: int, n_params: int) -> Recipe:
     steps_per_epoch = math.ceil(n_train / batch)
     epochs = config.epochs or max(10, min(2000, math.ceil(DEFAULT_STEPS / steps_per_epoch)))
     schedule = config.schedule if config.schedule != "auto" else ("onecycle" if optimizer in ("adam", "adamw") else "none")
-    return Recipe(optimizer, lr, batch, epochs, schedule, config.patience or 20)
+    # A schedule that anneals over the run's epochs (onecycle, cosine) trains them all unless --patience is
+    # given: its validation loss stalls while the rate is high and falls as it anneals, so patience would
+    # stop it at the high rate (bench/patience.py: 55 of 236 epochs, 18x the test error).
+    annealing = schedule in ("onecycle", "cosine")
+    return Recipe(optimizer, lr, batch, epochs, schedule, config.patience or (None if annealing else 20))
 
 
 def make_optimizer(params, recipe: Recipe, config) -> torch.optim.Optimizer:
@@ -645,7 +650,7 @@ class StopRules:
     def reason(self, result: TrainResult, epoch: int, out_of_time: bool) -> str:
         """Why to stop after ``epoch``, or "" to go on."""
         patience = self.recipe.patience
-        if epoch - max(result.best_epoch, self.patience_from) >= patience:
+        if patience is not None and epoch - max(result.best_epoch, self.patience_from) >= patience:
             return f"no better validation loss for {patience} epochs"
         history = result.history
         if self.recipe.optimizer == "lbfgs" and epoch > self.patience_from + 1 and \
