@@ -755,6 +755,35 @@ def test_a_commit_cut_short_is_finished_by_the_next_reader(tutorial_run, tmp_pat
     assert not stage.exists() and not (run / "fit.png").exists()
 
 
+def test_a_reader_racing_a_commit_reads_one_whole_run(tutorial_run, tmp_path, monkeypatch):
+    """A commit that lands between a reader's reads of model.json and the weights: the reader saw one
+    run's metadata and the next run's weights, and reads again once the commit has finished."""
+    from nnfit.errors import NnfitError
+
+    model, folder = tutorial_run
+    new = nnfit.fit(samples=100, epochs=1, hidden=(8,), quiet=True, plots=False)  # another architecture
+    read_bytes, raced = runfolder.read_bytes, []
+
+    def racing(where, name, *args, **kwargs):
+        if name == runfolder.WEIGHTS and not raced:  # model.json is read: the writer commits now
+            raced.append(name)
+            with runfolder.staged(where) as stage:
+                new._write_files(stage)
+            runfolder.commit(where)
+        return read_bytes(where, name, *args, **kwargs)
+
+    monkeypatch.setattr(runfolder, "read_bytes", racing)
+    loaded = nnfit.load(_copy(folder, tmp_path / "a"))
+    assert raced and loaded.summary == json.loads(json.dumps(new.summary))
+    assert next(loaded.module.parameters()).shape == (8, 1)
+    # Without the second read, the reader fails as on a damaged folder.
+    raced.clear()
+    monkeypatch.setattr(runfolder, "_commit_meanwhile", lambda *a, **k: False)
+    with pytest.raises(NnfitError, match="does not match the checksum"):
+        nnfit.load(_copy(folder, tmp_path / "b"))
+    assert raced
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

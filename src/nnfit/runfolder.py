@@ -451,7 +451,44 @@ def check_meta(meta, where: str) -> dict:
 
 def read_model(folder) -> tuple[dict, dict]:
     """(weights on the CPU, model.json) of a run folder, every field and tensor checked."""
-    folder = _folder(folder)
+    return _consistent(_read_model, _folder(folder))
+
+
+def _consistent(read: Callable, folder: Path):
+    """``read(folder)``; if it fails while a writer commits a new run into the folder (the reader may have
+    seen one run's model.json and the next run's weights), once more after the commit has finished.
+    Readers take no lock: a writer holds the folder's lock for its whole run, and a commit is a few
+    renames, model.json last."""
+    before = _identity(folder / META)
+    try:
+        return read(folder)
+    except NnfitError:
+        if not _commit_meanwhile(folder, before):
+            raise
+    return read(folder)
+
+
+def _identity(path: Path):
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _commit_meanwhile(folder: Path, before, wait: float = 30.0) -> bool:
+    """Whether a commit ran into ``folder`` since model.json was ``before``; waits up to ``wait`` seconds
+    for one in progress (its staging folder) to finish."""
+    import time
+
+    busy = os.path.lexists(folder / STAGING)
+    deadline = time.monotonic() + wait
+    while os.path.lexists(folder / STAGING) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return busy or _identity(folder / META) != before
+
+
+def _read_model(folder: Path) -> tuple[dict, dict]:
     raw = read_json(folder, META)
     if isinstance(raw, dict) and raw.get("format_version") != FORMAT_VERSION:
         raise NnfitError(f"{folder / META} has format version {_show(raw.get('format_version'))}, but this nnfit "
@@ -500,9 +537,13 @@ def check_summary(summary, where: str, weight_names=None) -> dict:
 
 
 def read_run(folder) -> Run:
-    """Everything ``nnfit.load`` and ``inspect`` need from a finished run folder, checked."""
-    weights, meta = read_model(folder)
-    folder = Path(folder)
+    """Everything ``nnfit.load`` and ``inspect`` need from a finished run folder, checked: all of one run,
+    even while a writer commits another into the folder."""
+    return _consistent(_read_run, _folder(folder))
+
+
+def _read_run(folder: Path) -> Run:
+    weights, meta = _read_model(folder)
     config = read_config(folder)
     summary = check_summary(read_json(folder, SUMMARY), str(folder / SUMMARY), weights) \
         if os.path.lexists(folder / SUMMARY) else {}
