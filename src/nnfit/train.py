@@ -31,6 +31,7 @@ from nnfit.errors import setting as S
 LBFGS_ITERATIONS_PER_EPOCH = 20
 LBFGS_HISTORY = 50  # the curvature pairs L-BFGS keeps
 LBFGS_MAX_WORK = 5e9  # training rows x parameters up to which full-batch L-BFGS wins (bench/core.py)
+ANNEALING = ("onecycle", "cosine")  # schedules whose learning rate falls over the run's epochs
 DEFAULT_STEPS = 20_000  # Adam/SGD steps when --epochs is not given
 # Rows per forward pass x parameters up to which one CPU thread trains about as fast as two on a quiet
 # machine (the matmuls are too small to split), while on a busy one the threads' barriers cost up to 100x.
@@ -109,8 +110,7 @@ def choose_recipe(config, n_train: int, n_params: int) -> Recipe:
     # A schedule that anneals over the run's epochs (onecycle, cosine) trains them all unless --patience is
     # given: its validation loss stalls while the rate is high and falls as it anneals, so patience would
     # stop it at the high rate (bench/patience.py: 55 of 236 epochs, 18x the test error).
-    annealing = schedule in ("onecycle", "cosine")
-    return Recipe(optimizer, lr, batch, epochs, schedule, config.patience or (None if annealing else 20))
+    return Recipe(optimizer, lr, batch, epochs, schedule, config.patience or (None if schedule in ANNEALING else 20))
 
 
 def make_optimizer(params, recipe: Recipe, config) -> torch.optim.Optimizer:
@@ -659,7 +659,13 @@ class StopRules:
             # waiting out the patience would repeat the same empty step.
             return "L-BFGS converged (the training loss stopped falling)"
         if out_of_time:
-            return f"time budget of {self.config.time_budget:g} s reached"
+            why = f"time budget of {self.config.time_budget:g} s reached"
+            if self.recipe.schedule in ANNEALING and epoch < self.recipe.epochs:
+                # The learning rate is still high: the run ends before the part of the schedule that gives
+                # most of its accuracy (bench/patience.py). Say how to fit the schedule into the budget.
+                why += (f" at epoch {epoch} of {self.recipe.epochs}, before the {self.recipe.schedule} schedule "
+                        f"had annealed; for a schedule that fits in the budget, train {epoch} epochs (--epochs {epoch})")
+            return why
         return ""
 
 
