@@ -784,6 +784,77 @@ def test_a_reader_racing_a_commit_reads_one_whole_run(tutorial_run, tmp_path, mo
     assert raced
 
 
+def _staged_commit(run, fitted):
+    """A writer's commit of ``fitted`` into ``run``, staged and marked but not yet moved into place."""
+    stage = run / runfolder.STAGING
+    stage.mkdir()
+    fitted._write_files(stage)
+    names = sorted(p.name for p in stage.iterdir())
+    (stage / runfolder.COMPLETE).write_text(json.dumps({"files": names, "keep": []}))
+
+
+def test_a_reader_that_finished_while_a_commit_ran_reads_again(tutorial_run, tmp_path, monkeypatch):
+    """The commit lands after the weights were read, while config.json is: no read fails, but the reader
+    would mix one run's weights with the next run's settings."""
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    new = nnfit.fit(samples=100, epochs=1, seed=5, hidden=(8,), quiet=True, plots=False)
+    read_bytes, raced = runfolder.read_bytes, []
+
+    def racing(where, name, *args, **kwargs):
+        if name == runfolder.CONFIG and not raced:
+            raced.append(name)
+            with runfolder.staged(where) as stage:
+                new._write_files(stage)
+            runfolder.commit(where)
+        return read_bytes(where, name, *args, **kwargs)
+
+    monkeypatch.setattr(runfolder, "read_bytes", racing)
+    loaded = nnfit.load(run)
+    assert raced and loaded.config.seed == 5 and next(loaded.module.parameters()).shape == (8, 1)
+
+
+def test_a_reader_waits_for_a_commit_in_progress(tutorial_run, tmp_path):
+    import threading
+    import time
+
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    new = nnfit.fit(samples=100, epochs=1, hidden=(8,), quiet=True, plots=False)
+    fd = runfolder._lock(run)  # the writer holds its folder
+    _staged_commit(run, new)
+
+    def writer():
+        time.sleep(0.3)
+        runfolder._finish_commit(run)
+        runfolder._unlock(run, fd)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    loaded = nnfit.load(run)  # before: "another nnfit process is writing", at once
+    thread.join()
+    assert next(loaded.module.parameters()).shape == (8, 1)
+
+
+@pytest.mark.parametrize("plan", [{"files": ["../outside.txt"], "keep": []}, {"files": ["model.json"], "keep": [1]},
+                                  {"files": ["notes.txt"], "keep": []}, {"files": [], "keep": ["tb/../.."]}, [1]])
+def test_a_commit_marker_that_is_not_nnfits_moves_nothing(tutorial_run, tmp_path, plan):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    (tmp_path / "outside.txt").write_text("the user's file")  # run/../outside.txt
+    (run / "outside.txt").write_text("planted")  # what run/.nnfit-staging/../outside.txt names
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    stage = run / runfolder.STAGING
+    stage.mkdir()
+    (stage / "notes.txt").write_text("not nnfit's")
+    (stage / runfolder.COMPLETE).write_text(json.dumps(plan))
+    loaded = nnfit.load(run)  # the marker is an unfinished write's: dropped, the run is untouched
+    assert loaded.summary == json.loads((run / "summary.json").read_text())
+    assert (tmp_path / "outside.txt").read_text() == "the user's file"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not stage.exists()
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

@@ -455,17 +455,24 @@ def read_model(folder) -> tuple[dict, dict]:
 
 
 def _consistent(read: Callable, folder: Path):
-    """``read(folder)``; if it fails while a writer commits a new run into the folder (the reader may have
-    seen one run's model.json and the next run's weights), once more after the commit has finished.
-    Readers take no lock: a writer holds the folder's lock for its whole run, and a commit is a few
-    renames, model.json last."""
-    before = _identity(folder / META)
-    try:
-        return read(folder)
-    except NnfitError:
+    """``read(folder)``, all of one run even while a writer commits another into the folder: a read during
+    which a commit ran (model.json replaced, or a commit marker present) is done again once the commit has
+    finished, whether it failed (one run's model.json, the next run's weights) or not (one run's weights,
+    the next run's config). Readers take no lock: a writer holds the folder's lock for its whole run, and a
+    commit is a few renames, model.json last."""
+    for _ in range(5):
+        recover(folder)  # waits for a commit in progress
+        before = _identity(folder / META)
+        try:
+            result, error = read(folder), None
+        except NnfitError as exc:
+            result, error = None, exc
         if not _commit_meanwhile(folder, before):
-            raise
-    return read(folder)
+            if error is not None:
+                raise error
+            return result
+    raise NnfitError(f"{folder} kept changing while it was read: another nnfit process keeps saving runs into "
+                     "it; read it once that process has finished")
 
 
 def _identity(path: Path):
@@ -476,16 +483,9 @@ def _identity(path: Path):
     return st.st_ino, st.st_mtime_ns
 
 
-def _commit_meanwhile(folder: Path, before, wait: float = 30.0) -> bool:
-    """Whether a commit ran into ``folder`` since model.json was ``before``; waits up to ``wait`` seconds
-    for one in progress (its staging folder) to finish."""
-    import time
-
-    busy = os.path.lexists(folder / STAGING)
-    deadline = time.monotonic() + wait
-    while os.path.lexists(folder / STAGING) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return busy or _identity(folder / META) != before
+def _commit_meanwhile(folder: Path, before) -> bool:
+    """Whether a commit ran into ``folder`` since model.json was ``before``, or is running now."""
+    return os.path.lexists(folder / STAGING / COMPLETE) or _identity(folder / META) != before
 
 
 def _read_model(folder: Path) -> tuple[dict, dict]:
@@ -776,6 +776,10 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
+class Held(NnfitError):
+    """The folder's lock is held by another process (a writer)."""
+
+
 def _lock(folder: Path) -> int:
     """An open, flock-ed ``.nnfit.lock``. The file is removed when its holder is done (``_unlock``), so after
     the lock is taken it must still be the file at that path; otherwise take the new one."""
@@ -818,7 +822,7 @@ def _try_lock(folder: Path) -> int:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             who = f" (pid {holder})" if holder.isdigit() else ""
-            raise NnfitError(f"another nnfit process{who} is writing to {folder}; wait for it to finish, or write "
+            raise Held(f"another nnfit process{who} is writing to {folder}; wait for it to finish, or write "
                              "this run to another folder with --out") from None
         raise NnfitError(f"could not lock {path}: {exc.strerror or exc}") from None
     return fd
@@ -860,9 +864,9 @@ def _finish_commit(folder: Path) -> None:
     if not os.path.lexists(stage):
         return
     try:
-        plan = json.loads((stage / COMPLETE).read_text())
+        plan = _commit_plan(json.loads((stage / COMPLETE).read_text()))
     except (OSError, ValueError):
-        shutil.rmtree(stage, ignore_errors=True)  # an unfinished write: the previous run is untouched
+        shutil.rmtree(stage, ignore_errors=True)  # an unfinished write (or not nnfit's): the previous run is untouched
         return
     kept = [PurePosixPath(k).parts for k in plan["keep"]]
     written = set(plan["files"]) | {parts[0] for parts in kept}
@@ -882,6 +886,21 @@ def _finish_commit(folder: Path) -> None:
                     _remove(p)
     fsync_dir(folder)
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit_plan(plan) -> dict:
+    """The commit marker's plan, checked: ``files`` are run files' plain names (nothing outside the folder is
+    ever moved or removed), ``keep`` is ``tb`` or ``tb/<run>``. Anything else raises ValueError."""
+    if not (isinstance(plan, dict) and isinstance(plan.get("files"), list) and isinstance(plan.get("keep"), list)):
+        raise ValueError("not a commit plan")
+    for name in plan["files"]:
+        if not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+                and is_run_file(name)):
+            raise ValueError(f"not a run file's name: {name!r}")
+    for name in plan["keep"]:
+        if not (isinstance(name, str) and re.fullmatch(rf"{TENSORBOARD}(/{EVENTS_NAME})?", name)):
+            raise ValueError(f"not a kept name: {name!r}")
+    return plan
 
 
 def _remove(p: Path) -> None:
@@ -907,15 +926,24 @@ def check_free(folder) -> None:
         _unlock(Path(folder), _lock(Path(folder)))
 
 
-def recover(folder: Path) -> None:
-    """Finish a commit that a crash interrupted, if its writer is gone (readers call this)."""
-    if not os.path.lexists(folder / STAGING / COMPLETE):
-        return
-    fd = _lock(folder)
-    try:
-        _finish_commit(folder)
-    finally:
-        _unlock(folder, fd)
+def recover(folder: Path, wait: float = 30.0) -> None:
+    """Finish a commit that a crash interrupted, if its writer is gone (readers call this); while its writer
+    is finishing it, wait for that (up to ``wait`` seconds: a commit is a few renames)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while os.path.lexists(folder / STAGING / COMPLETE):
+        try:
+            fd = _lock(folder)
+        except Held:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+            continue
+        try:
+            _finish_commit(folder)
+        finally:
+            _unlock(folder, fd)
 
 
 # --- writes outside a run folder ------------------------------------------------------------------------
