@@ -143,3 +143,28 @@ def test_resume_continues_the_runs_events_and_logs_each_epoch_once(tmp_path, mon
         losses = [float(r["train_loss"]) for r in csv.DictReader(f)]
     assert [step for step, _ in scalars(events, "loss/train")] == [1, 2, 3, 4]
     assert [value for _, value in scalars(events, "loss/train")] == pytest.approx(losses, rel=1e-6)
+
+
+def test_a_diverged_run_keeps_its_events(tmp_path, monkeypatch):
+    from test_faults import poison_steps
+
+    poison_steps(monkeypatch, lambda n: n >= 9)  # from epoch 3 on (4 steps an epoch): every retry diverges
+    out = tmp_path / "run"
+    with pytest.raises(NnfitError, match="training diverged"):
+        nnfit.fit(out=str(out), **{**SMALL, "epochs": 6})
+    events = events_of(out)  # the saved best weights come with the run's own events
+    assert [step for step, _ in scalars(events, "loss/train")][:2] == [1, 2]
+
+
+def test_a_run_saved_elsewhere_names_no_events_it_does_not_have(tmp_path):
+    model = nnfit.fit(out=str(tmp_path / "run"), **SMALL)
+    model.save(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "tb").exists()
+    assert "tensorboard" not in json.loads((tmp_path / "copy" / "summary.json").read_text())
+    assert nnfit.load(tmp_path / "copy").summary["epochs"] == 3
+
+
+def test_a_sweep_refuses_tensorboard(tmp_path):
+    with pytest.raises(NnfitError, match="--tensorboard was given to a sweep, which writes no TensorBoard events"):
+        nnfit.sweep(formula="x**2 + x", domain={"x": (0, 1)}, samples=100, hidden=[(8,), (16,)], tensorboard=True,
+                    out=str(tmp_path / "s"), quiet=True)

@@ -216,9 +216,10 @@ class FittedModel:
         self.path = out
         with trainstate.phase("saving the run", deferred=True,  # every file complete, then stop
                               kept=f"the model is saved in {out}" + (", without its plots" if plots else "")):
+            keep = self._tensorboard_events(out)
             with runfolder.staged(out) as stage:
                 self._write_files(stage)
-            runfolder.commit(out, keep=self._tensorboard_events())
+            runfolder.commit(out, keep=keep)
         if plots:
             from nnfit import html_report
 
@@ -227,10 +228,19 @@ class FittedModel:
                 html_report.write_report(out, self, problem)  # embeds the loss.png and fit.png just written
         return out
 
-    def _tensorboard_events(self) -> tuple[str, ...]:
-        """What of RUN/tb the commit keeps: this run's events (tb/<its start>), and no earlier run's."""
+    def _tensorboard_events(self, out: Path) -> tuple[str, ...]:
+        """What of ``out``/tb the commit keeps: this run's events, written during training (tb/<its start>),
+        and no earlier run's; all of tb for a run that names no folder (saved by an older nnfit). Saved into
+        another folder than it trained in, the run's events are not there, and its summary stops naming them."""
+        if not self.config.tensorboard:
+            return ()
         events = self.summary.get("tensorboard")
-        return (events,) if self.config.tensorboard and events else ()
+        if events is None:
+            return (runfolder.TENSORBOARD,)
+        if not (out / events).is_dir():
+            self.summary = {k: v for k, v in self.summary.items() if k != "tensorboard"}
+            return ()
+        return (events,)
 
     def _write_files(self, out: Path) -> None:
         """The run's model, metadata, config, summary and metrics (not the plots) into ``out``."""
@@ -406,11 +416,12 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
                  f"({', '.join(problem.input_names)}) on {ctx.device}{workers}")
     reporter.log(data_line)
     saver = _saver(config, ctx, problem, user_model, module) if config.out else None
+    events = f"{runfolder.TENSORBOARD}/{saver.info['tensorboard_run']}" if config.tensorboard and saver else None
     try:
         with trainstate.phase("training", deferred=True, kept=kept):  # the loop saves its state and stops
             result = train(module, data, config, reporter, ctx, saver, member_lrs=member_lrs)
     except TrainingDiverged as exc:
-        raise _keep_best(exc, module, scaling, problem, config, ctx) from None
+        raise _keep_best(exc, module, scaling, problem, config, ctx, events) from None
 
     fitted = FittedModel(module, scaling, problem.input_names, problem.target_names, config, result.history)
     with trainstate.phase("the final evaluation", kept=kept):
@@ -456,8 +467,8 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     summary["oom_retries"] = result.oom_retries
     if result.threads is not None:
         summary["threads"] = result.threads
-    if config.tensorboard and saver is not None:
-        summary["tensorboard"] = f"{runfolder.TENSORBOARD}/{saver.info['tensorboard_run']}"
+    if events is not None:
+        summary["tensorboard"] = events
     summary["peak_memory"] = devices.peak_memory(ctx)  # a collective under DDP: every rank gets here
     summary["total_seconds"] = round(time.perf_counter() - started, 4)
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
@@ -598,8 +609,10 @@ def _check_state_fits(state: trainstate.State, module, where: Path) -> None:
         runfolder.check_tensors(trainstate.part(state, prefix), expected, dtype, f"{where} ({prefix})")
 
 
-def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx):
-    """After a divergence that rollbacks could not cure: save the best weights (the module holds them)."""
+def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx,
+               events: str | None = None):
+    """After a divergence that rollbacks could not cure: save the best weights (the module holds them), and
+    the run's TensorBoard events (``events``: tb/<run>), which show how it diverged."""
     result = exc.result
     if result is None or not result.best_epoch:
         return TrainingDiverged(f"{exc.args[0]}; no epoch had improved, so there are no weights to keep", result)
@@ -607,6 +620,8 @@ def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem
         return exc
     summary = {"nnfit_version": nnfit.__version__, "source": problem.source, "stopped": result.stopped,
                "best_epoch": result.best_epoch, "rollbacks": result.rollbacks, "diverged": True}
+    if events is not None:
+        summary["tensorboard"] = events
     FittedModel(module, scaling, problem.input_names, problem.target_names, config.replace(resume=False),
                 result.history, summary)._write(config.out, plots=False)
     return TrainingDiverged(f"{exc.args[0]}. The best weights (epoch {result.best_epoch}, validation loss "

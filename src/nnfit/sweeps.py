@@ -322,6 +322,10 @@ def _check_settings(config: Config) -> None:
     if config.val_split == 0:
         raise NnfitError("a sweep chooses by validation loss, but --val-split 0 leaves no validation samples; "
                          "pass --val-split 0.1 or more")
+    if config.tensorboard:
+        raise NnfitError("--tensorboard was given to a sweep, which writes no TensorBoard events (its "
+                         "configurations train as stacked groups, in rungs); drop --tensorboard, then train the "
+                         "winner's settings with nnfit train --tensorboard to watch one run")
 
 
 def _check_out(out: Path) -> None:
