@@ -663,8 +663,9 @@ class StopRules:
             if self.recipe.schedule in ANNEALING and epoch < self.recipe.epochs:
                 # The learning rate is still high: the run ends before the part of the schedule that gives
                 # most of its accuracy (bench/patience.py). Say how to fit the schedule into the budget.
+                fits = max(1, epoch - 1)  # the last epoch may have been cut short
                 why += (f" at epoch {epoch} of {self.recipe.epochs}, before the {self.recipe.schedule} schedule "
-                        f"had annealed; for a schedule that fits in the budget, train {epoch} epochs (--epochs {epoch})")
+                        f"had annealed; for a schedule that fits in the budget, train {fits} epochs (--epochs {fits})")
             return why
         return ""
 
