@@ -1,7 +1,7 @@
 """Ensembles: K stacked members trained as one computation, against one member; and what the ensemble's
 spread says.
 
-    python bench/ensemble.py            # about six minutes on 2 CPU cores
+    python bench/ensemble.py            # about ten minutes on 2 CPU cores
     python bench/ensemble.py --quick    # a few seconds: a smoke run, not a measurement
 
 1. Speed: K = 8 members of the tutorial network (1 -> 100 -> 100 -> 1 tanh), Adam, fixed epochs over
