@@ -837,7 +837,9 @@ def test_a_reader_waits_for_a_commit_in_progress(tutorial_run, tmp_path):
 
 
 @pytest.mark.parametrize("plan", [{"files": ["../outside.txt"], "keep": []}, {"files": ["model.json"], "keep": [1]},
-                                  {"files": ["notes.txt"], "keep": []}, {"files": [], "keep": ["tb/../.."]}, [1]])
+                                  {"files": ["notes.txt"], "keep": []}, {"files": [], "keep": ["tb/../.."]}, [1],
+                                  {"files": [], "keep": []},  # moves nothing, and would remove the whole run
+                                  {"files": ["model.json", "model.safetensors", "metrics.csv"], "keep": []}])
 def test_a_commit_marker_that_is_not_nnfits_moves_nothing(tutorial_run, tmp_path, plan):
     model, folder = tutorial_run
     run = _copy(folder, tmp_path)
@@ -847,12 +849,40 @@ def test_a_commit_marker_that_is_not_nnfits_moves_nothing(tutorial_run, tmp_path
     stage = run / runfolder.STAGING
     stage.mkdir()
     (stage / "notes.txt").write_text("not nnfit's")
+    (stage / "metrics.csv").mkdir()  # a folder where a file is staged
     (stage / runfolder.COMPLETE).write_text(json.dumps(plan))
     loaded = nnfit.load(run)  # the marker is an unfinished write's: dropped, the run is untouched
     assert loaded.summary == json.loads((run / "summary.json").read_text())
     assert (tmp_path / "outside.txt").read_text() == "the user's file"
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert not stage.exists()
+
+
+def test_a_staging_folder_that_is_a_link_moves_nothing_in(tutorial_run, tmp_path):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "metrics.csv").write_text("not this run's")
+    (elsewhere / runfolder.COMPLETE).write_text(json.dumps({"files": ["metrics.csv"], "keep": []}))
+    (run / runfolder.STAGING).symlink_to(elsewhere)
+    with within(10):
+        nnfit.load(run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not os.path.lexists(run / runfolder.STAGING) and (elsewhere / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("marker", ["fifo", "link to /dev/zero"])
+def test_a_commit_marker_that_is_not_a_file_never_blocks(tutorial_run, tmp_path, marker):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    (run / runfolder.STAGING).mkdir()
+    path = run / runfolder.STAGING / runfolder.COMPLETE
+    os.mkfifo(path) if marker == "fifo" else path.symlink_to("/dev/zero")
+    with within(10):
+        assert nnfit.load(run).summary["epochs"] == model.summary["epochs"]
+    assert not os.path.lexists(run / runfolder.STAGING)
 
 
 # --- item 4: only regular files are written ----------------------------------------------------------------

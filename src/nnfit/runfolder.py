@@ -857,46 +857,72 @@ def commit(folder, keep=()) -> None:
 
 
 def _finish_commit(folder: Path) -> None:
-    """Complete a commit whose marker is written (all new files are whole); drop a staging folder without one."""
+    """Complete a commit whose marker is written (all new files are whole); drop a staging folder without one,
+    or one that is not nnfit's (a link, a marker that is not a regular file or not a plan nnfit writes)."""
     from nnfit.checkpoint import fsync_dir
 
     stage = folder / STAGING
-    if not os.path.lexists(stage):
+    try:
+        if not stat.S_ISDIR(os.lstat(stage).st_mode):  # a link or a file in the staging folder's place
+            _drop_staging(stage)
+            return
+    except FileNotFoundError:
         return
     try:
-        plan = _commit_plan(json.loads((stage / COMPLETE).read_text()))
-    except (OSError, ValueError):
-        shutil.rmtree(stage, ignore_errors=True)  # an unfinished write (or not nnfit's): the previous run is untouched
+        plan = _commit_plan(json.loads(read_bytes(stage, COMPLETE, 1 << 16)), stage, folder)
+    except (NnfitError, ValueError):
+        _drop_staging(stage)  # an unfinished write (or not nnfit's): the previous run is untouched
         return
     kept = [PurePosixPath(k).parts for k in plan["keep"]]
     written = set(plan["files"]) | {parts[0] for parts in kept}
     for name in plan["files"]:
         if os.path.lexists(stage / name):
-            os.replace(stage / name, folder / name)
+            try:
+                os.replace(stage / name, folder / name)
+            except OSError as exc:
+                raise NnfitError(f"could not finish saving the run in {folder}: moving {stage / name} into place "
+                                 f"failed ({exc.strerror or exc}); move {stage} out of the folder, then retry") from None
     for p in list(folder.iterdir()):
         if p.name in written or p.name in (LOCK, STAGING) or not is_run_file(p.name):
             continue
         _remove(p)
     for parts in kept:  # tb/<run>: what else is in tb is an earlier run's
         events = folder / TENSORBOARD
-        if len(parts) == 2 and parts[0] == TENSORBOARD and parts[1] not in (".", "..") \
-                and events.is_dir() and not events.is_symlink():
+        if len(parts) == 2 and events.is_dir() and not events.is_symlink():
             for p in list(events.iterdir()):
                 if p.name != parts[1]:
                     _remove(p)
     fsync_dir(folder)
-    shutil.rmtree(stage, ignore_errors=True)
+    _drop_staging(stage)
 
 
-def _commit_plan(plan) -> dict:
-    """The commit marker's plan, checked: ``files`` are run files' plain names (nothing outside the folder is
-    ever moved or removed), ``keep`` is ``tb`` or ``tb/<run>``. Anything else raises ValueError."""
+def _drop_staging(stage: Path) -> None:
+    if os.path.isdir(stage) and not os.path.islink(stage):
+        shutil.rmtree(stage, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stage)
+    if os.path.lexists(stage):
+        raise NnfitError(f"could not remove {stage}, a save of the run that did not finish; remove it by hand "
+                         "(the run's own files are untouched)")
+
+
+def _commit_plan(plan, stage: Path, folder: Path) -> dict:
+    """The commit marker's plan, checked, or ValueError: ``files`` are run files' plain names (nothing outside
+    the folder is ever moved or removed), among them the model, each a regular file in the staging folder
+    or already moved into the run folder; ``keep`` is ``tb`` or ``tb/<run>``."""
     if not (isinstance(plan, dict) and isinstance(plan.get("files"), list) and isinstance(plan.get("keep"), list)):
         raise ValueError("not a commit plan")
     for name in plan["files"]:
         if not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
                 and is_run_file(name)):
             raise ValueError(f"not a run file's name: {name!r}")
+        staged = os.path.lexists(stage / name)
+        if (staged and not stat.S_ISREG(os.lstat(stage / name).st_mode)) or \
+                (not staged and not os.path.lexists(folder / name)):
+            raise ValueError(f"{name!r} is not a staged file")
+    if not {META, WEIGHTS} <= set(plan["files"]):  # every save stages the model
+        raise ValueError("a plan without the model")
     for name in plan["keep"]:
         if not (isinstance(name, str) and re.fullmatch(rf"{TENSORBOARD}(/{EVENTS_NAME})?", name)):
             raise ValueError(f"not a kept name: {name!r}")
@@ -941,9 +967,10 @@ def recover(folder: Path, wait: float = 30.0) -> None:
             time.sleep(0.02)
             continue
         try:
-            _finish_commit(folder)
+            _finish_commit(folder)  # finishes the commit or drops the staging folder, or raises
         finally:
             _unlock(folder, fd)
+        return
 
 
 # --- writes outside a run folder ------------------------------------------------------------------------
