@@ -885,6 +885,14 @@ def test_a_commit_marker_that_is_not_a_file_never_blocks(tutorial_run, tmp_path,
     assert not os.path.lexists(run / runfolder.STAGING)
 
 
+def test_a_column_named_like_a_prediction_is_refused(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text("a,y_pred,y\n" + "".join(f"{i / 40},{(i * 7 % 40) / 40},{(i / 40) ** 2}\n" for i in range(40)))
+    check(capsys, ["train", "--data", str(table), "--target", "y", "--epochs", "1", "--no-plots", "--out",
+                   str(tmp_path / "run")], 2, "the column 'y_pred' has the name predict gives to the predictions of "
+                                              "the target 'y', so a prediction would overwrite it; rename that column")
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

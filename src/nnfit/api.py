@@ -367,6 +367,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     kept = functools.partial(_kept_after_stop, config.out)
     with trainstate.phase("loading the data", kept=kept):
         problem = problem or build_problem(config, frame)
+    _check_output_names(problem)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
     dtype_name = dtype_for_values(problem, config.dtype, config.precision, ctx.device)
@@ -607,6 +608,16 @@ def _check_state_fits(state: trainstate.State, module, where: Path) -> None:
     params = {k: tuple(p.shape) for k, p in module.named_parameters()}
     for prefix, expected in (("model", tensors), ("best", tensors), ("start", params)):
         runfolder.check_tensors(trainstate.part(state, prefix), expected, dtype, f"{where} ({prefix})")
+
+
+def _check_output_names(problem: Problem) -> None:
+    """predict writes NAME_pred (and NAME_std) beside the table's columns: no input or target may have one of
+    those names, or a prediction would overwrite it."""
+    outputs = {f"{t}_{kind}": t for t in problem.target_names for kind in ("pred", "std")}
+    for name in (*problem.input_names, *problem.target_names):
+        if name in outputs:
+            raise NnfitError(f"the column {name!r} has the name predict gives to the predictions of the target "
+                             f"{outputs[name]!r}, so a prediction would overwrite it; rename that column")
 
 
 def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx,
