@@ -893,6 +893,11 @@ def test_a_column_named_like_a_prediction_is_refused(tmp_path, capsys):
                                               "the target 'y', so a prediction would overwrite it; rename that column")
 
 
+def test_predict_out_where_no_file_can_be_made_is_one_line(run_dir, capsys):
+    check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", "/proc/self/x.csv"], 2,
+          "could not write /proc/self/x.csv: No such file or directory")
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

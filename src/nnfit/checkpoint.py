@@ -49,7 +49,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        if isinstance(exc, OSError):  # a full disk, no permission, a folder that is gone or cannot hold files
             raise NnfitError(f"could not write {path}: {_reason(exc)}; the previous file, if any, "
                              "is unchanged") from None
         raise
