@@ -168,3 +168,41 @@ def test_resume_a_table_run_from_another_folder(tmp_path, monkeypatch, capsys):
     assert "pass the table's path: --data PATH" in capsys.readouterr().err
     assert main(["resume", str(tmp_path / "run"), "--data", str(start / "t.csv"), "--quiet"]) == 0
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+STATE_EDITS = {
+    "params of another size": lambda st: st["optimizer"]["param_groups"][0].__setitem__("params", [0]),
+    "params that are text": lambda st: st["optimizer"]["param_groups"][0].__setitem__("params", "abc"),
+    "no params": lambda st: st["optimizer"]["param_groups"][0].pop("params"),
+    "state of the wrong kind": lambda st: st["optimizer"].__setitem__("state", [[0]]),
+    "a packed item that is a number": lambda st: st["optimizer"].__setitem__("state", {"__items__": 5}),
+    "a rollback without its fields": lambda st: st.__setitem__("rollbacks", [{"a": 1}]),
+    "an epoch without its fields": lambda st: st["history"].__setitem__(0, {"epoch": None}),
+}
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run killed mid-training, its state saved: (folder, state.json)."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    env = {**os.environ, "NNFIT_FAULT": "kill-at-step:30"}
+    subprocess.run([sys.executable, "-m", "nnfit", "train", "--samples", "400", "--optimizer", "adam", "--batch-size",
+                    "32", "--epochs", "5", "--checkpoint-every", "10", "--no-plots", "--quiet", "--out", str(run)],
+                   env=env, capture_output=True)
+    return run, json.loads((run / "state.json").read_text())
+
+
+@pytest.mark.parametrize("edit", STATE_EDITS)
+def test_an_edited_training_state_is_one_error_line(stopped_run, tmp_path, capsys, edit):
+    import shutil
+
+    folder, state = stopped_run
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    state = json.loads(json.dumps(state))
+    STATE_EDITS[edit](state)
+    (run / "state.json").write_text(json.dumps(state))
+    assert main(["resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nnfit: error: ") and ("edited or damaged" in err[0]
+                                                                       or "was edited" in err[0]), err

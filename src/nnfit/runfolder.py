@@ -266,13 +266,20 @@ MODEL = record({
 }, {"frozen": items(text())})
 
 metrics = mapping(optional(number(finite=False)))
+# A rollback after a non-finite loss, and one epoch of the history, as the training loop records them.
+ROLLBACK = record({"epoch": integer(1), "retry": integer(1), "lr": number(0)}, {"loss": optional(number(finite=False))},
+                  extra="ignore")
+EPOCH_ROW = record({"epoch": integer(1), "train_loss": number(finite=False), "val_loss": number(finite=False),
+                    "lr": number(0), "seconds": number(0)}, extra="ignore")
 SUMMARY_SCHEMA = record({}, {  # descriptive: what a newer nnfit adds is ignored, what nnfit reads back is checked
     "nnfit_version": text(), "source": text(), "inputs": items(text()), "targets": items(text()),
     "epochs": integer(0), "best_epoch": optional(integer(0)), "stopped": optional(text()),
     "train_seconds": number(0), "total_seconds": number(0), "parameters": integer(0),
     "validation": optional(metrics), "test": optional(metrics), "test_samples": integer(1),
     "frozen": text(), "world_size": integer(1), "precision": text(), "device": text(), "threads": integer(1),
-    "tensorboard": text(pattern=re.compile(rf"{TENSORBOARD}/{EVENTS_NAME}")),
+    "tensorboard": text(pattern=re.compile(rf"{TENSORBOARD}/{EVENTS_NAME}")), "rollbacks": items(ROLLBACK),
+    "samples": record({}, {"train": integer(0), "validation": integer(0)}, extra="ignore"),
+    "per_target": mapping(mapping(metrics)),
     "parameter_table": items(record({"name": text(nonempty=True), "shape": items(integer(0, MAX_WIDTH), 0, 64),
                                      "numel": integer(0), "trainable": boolean,
                                      "grad_norm": optional(number(finite=False)),
@@ -288,7 +295,7 @@ STATE_SCHEMA = record({
     "position": record({"epoch": integer(0), "finished": boolean, "step": integer(0), "rows": integer(0),
                         "steps": integer(0)}),
     "optimizer": record({"state": anything, "param_groups": items(mapping(anything), 1)}),
-    "history": items(mapping(optional(number(finite=False)))),
+    "history": items(EPOCH_ROW),
     "best_epoch": integer(0),
     "best_val_loss": number(finite=False),
     "rng": record({"numpy": items(anything, 4, 4), "python": items(anything, 2, 2)}),
@@ -296,7 +303,7 @@ STATE_SCHEMA = record({
     "nnfit_version": text(), "fingerprint": sha256, "source": text(), "custom_model": optional(text()),
     "scheduler": optional(mapping(anything)), "scaler": optional(mapping(anything)),
     "micro": optional(integer(1)), "eval_chunk": optional(integer(1)), "oom_retries": items(mapping(anything)),
-    "unfrozen_at": mapping(integer(1)), "rollbacks": items(mapping(anything)), "saves": integer(1),
+    "unfrozen_at": mapping(integer(1)), "rollbacks": items(ROLLBACK), "saves": integer(1),
     "seconds": number(0), "tensorboard_run": text(pattern=re.compile(EVENTS_NAME)),
     "lr_factor": number(positive=True),  # the schedule's factor after rollbacks halved the learning rate
     "member_best": items(items(number(finite=False)), 2, 2),  # an ensemble's best epoch and loss per member

@@ -298,7 +298,11 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         reporter.log(hint)
     epoch, partial = 1, None  # partial: the permutation and progress of an epoch a checkpoint interrupted
     if saver.resume is not None:
-        epoch, partial = run.restore(saver.resume)
+        try:
+            epoch, partial = run.restore(saver.resume)
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:  # fields the reader's schema cannot see into
+            raise NnfitError(f"the training state in {saver.folder} does not fit this run ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); it was edited or damaged: start a new run") from None
         reporter.log(f"resuming from {saver.resume.describe()} ({saver.folder})")
         rollback = Rollback(saver.resume)
     else:
