@@ -199,6 +199,26 @@ def test_custom_module_trains_saves_and_loads(tmp_path):
         nnfit.load(tmp_path / "run")
     loaded = nnfit.load(tmp_path / "run", model=Custom(), device=str(model.device))
     assert np.array_equal(loaded.predict([[0.3]]), model.predict([[0.3]]))
+    by_class = nnfit.load(tmp_path / "run", model=Custom, device=str(model.device))  # as fit(model=Custom) accepts
+    assert np.array_equal(by_class.predict([[0.3]]), model.predict([[0.3]]))
+    with pytest.raises(NnfitError, match="model= must be a torch.nn.Module"):
+        nnfit.load(tmp_path / "run", model="Custom")
+
+
+class Untraceable(Custom):
+    def forward(self, x):
+        if float(x.sum()) > 1e9:  # data-dependent Python control flow: no trace or script reproduces it
+            return self.net(x) * 2
+        return self.net(x).numpy().copy() and self.net(x)
+
+
+def test_a_custom_module_that_cannot_be_exported_is_one_error_line(tmp_path):
+    model = nnfit.fit(model=Custom(), samples=100, epochs=1, out=str(tmp_path / "run"), plots=False, quiet=True)
+    model.module = Untraceable()
+    model.module.load_state_dict(Custom().state_dict())
+    with pytest.raises(NnfitError, match="could not be exported to ONNX"):
+        model.export("onnx", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_custom_module_with_wrong_input_size_names_both_shapes():

@@ -898,6 +898,25 @@ def test_predict_out_where_no_file_can_be_made_is_one_line(run_dir, capsys):
           "could not write /proc/self/x.csv: No such file or directory")
 
 
+def test_a_config_whose_domain_is_not_the_models_inputs_is_refused(tutorial_run, tmp_path, capsys):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["formula"], config["domain"] = "z**2", [["z", 0.0, 1.0]]
+    (run / "config.json").write_text(json.dumps(config))
+    check(capsys, ["evaluate", str(run)], 2, "config.json: the domain names z, but the model's inputs are x; the run "
+                                             "folder was edited")
+
+
+def test_a_model_json_with_absurd_widths_is_refused_before_anything_is_built(tutorial_run, tmp_path, capsys):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    meta = json.loads((run / "model.json").read_text())
+    meta["architecture"]["hidden"] = [2147483647, 2147483647]
+    (run / "model.json").write_text(json.dumps(meta))
+    check(capsys, ["predict", str(run), "--input", "x=0.5"], 2, "describes a network of 4,611,686,")
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

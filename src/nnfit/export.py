@@ -100,8 +100,12 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
         # The TorchScript-based exporter (dynamo=False) needs no onnxscript; torch marks it deprecated.
         warnings.simplefilter("ignore", DeprecationWarning)
         outputs = ["y", "y_std"] if isinstance(module, EnsembleDeployable) else ["y"]
-        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]}, opset_version=ONNX_OPSET)
+        try:
+            torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]}, opset_version=ONNX_OPSET)
+        except Exception as exc:  # a custom module's operation that the exporter cannot trace or express
+            raise NnfitError(f"the model could not be exported to ONNX: {_first_line(exc)}; a custom module must be "
+                             "traceable with plain tensor operations (or try --format torchscript)") from None
     model = onnx.load_from_string(buf.getvalue())
     model.doc_string = (f"nnfit model: inputs {', '.join(meta['input_names'])} -> "
                         f"targets {', '.join(meta['target_names'])}, original units")
@@ -119,7 +123,16 @@ def _torchscript_bytes(module: nn.Module, meta: dict) -> bytes:
         try:
             scripted = torch.jit.script(module)
         except Exception:  # a custom module that TorchScript cannot compile: record its operations instead
-            scripted = torch.jit.trace(module, torch.zeros(2, len(meta["input_names"]),
-                                                           dtype=getattr(torch, meta["dtype"])))
+            try:
+                scripted = torch.jit.trace(module, torch.zeros(2, len(meta["input_names"]),
+                                                               dtype=getattr(torch, meta["dtype"])))
+            except Exception as exc:
+                raise NnfitError(f"the model could not be exported to TorchScript: {_first_line(exc)}; a custom "
+                                 "module must be scriptable or traceable") from None
         torch.jit.save(scripted, buf, _extra_files={"nnfit.json": json.dumps(meta)})
     return buf.getvalue()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -89,6 +89,9 @@ def read_bytes(folder, name: str, limit: int) -> bytes:
             data = f.read(info.st_size + 1)  # +1: a file that grew past its size is noticed
         except OSError as exc:
             raise NnfitError(f"could not read {folder / name}: {exc.strerror or exc}") from None
+        except MemoryError:
+            raise NnfitError(f"{folder / name} is {info.st_size:,} bytes, more than this machine's memory can "
+                             "hold; it is not a file this run could have written") from None
     if len(data) > min(limit, info.st_size):
         raise NnfitError(f"{folder / name} grew while it was read; is another process writing it?")
     return data
@@ -367,6 +370,11 @@ def expected_tensors(meta: dict) -> dict[str, tuple] | None:
     arch = meta["architecture"]
     if arch["type"] != "mlp":
         return None
+    widths = [arch["inputs"], *arch["hidden"], arch["outputs"]]
+    count = arch.get("members", 1) * sum(a * b + b for a, b in zip(widths, widths[1:]))
+    if count * 8 >= 2**62:  # counted before anything is built: torch's own size arithmetic would overflow
+        raise NnfitError(f"model.json describes a network of {count:,} parameters, more than any file can hold; "
+                         "the run folder was edited: retrain, or restore it from a copy")
     with torch.device("meta"):
         module = rebuild(arch)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -552,9 +560,22 @@ def read_run(folder) -> Run:
 def _read_run(folder: Path) -> Run:
     weights, meta = _read_model(folder)
     config = read_config(folder)
+    _check_config_fits(config, meta, str(folder / CONFIG))
     summary = check_summary(read_json(folder, SUMMARY), str(folder / SUMMARY), weights) \
         if os.path.lexists(folder / SUMMARY) else {}
     return Run(folder, weights, meta, config, summary)
+
+
+def _check_config_fits(config: Config, meta: dict, where: str) -> None:
+    """A formula run's config.json must describe the model's inputs (its domain) and its one target:
+    evaluate draws test points from it."""
+    names = [entry[0] for entry in config.domain or ()]
+    if config.formula is not None and names and set(names) != set(meta["input_names"]):
+        raise NnfitError(f"{where}: the domain names {', '.join(names)}, but the model's inputs are "
+                         f"{', '.join(meta['input_names'])}; the run folder was edited: retrain, or restore it from a copy")
+    if config.formula is not None and len(meta["target_names"]) != 1:
+        raise NnfitError(f"{where}: a formula gives one target, but the model has {len(meta['target_names'])}; the "
+                         "run folder was edited: retrain, or restore it from a copy")
 
 
 def read_packed(packed: dict, where: str) -> Run:
@@ -681,6 +702,8 @@ def build_module(weights: dict, meta: dict, model=None, where: str = "the run"):
 
     from nnfit.model import rebuild
 
+    from nnfit.model import instantiate
+
     arch = meta["architecture"]
     if arch["type"] == "mlp":
         module = rebuild(arch)
@@ -688,7 +711,10 @@ def build_module(weights: dict, meta: dict, model=None, where: str = "the run"):
         raise NnfitError(f"{where} was trained with a custom module ({arch['class']}); "
                          "pass a fresh instance: nnfit.load(path, model=YourModule(...))")
     else:
-        module = model
+        module = instantiate(model)  # an instance, or a class built without arguments, as fit accepts
+        if not isinstance(module, torch.nn.Module):
+            raise NnfitError(f"model= must be a torch.nn.Module (or its class), got {type(module).__name__}; "
+                             "pass a fresh instance: nnfit.load(path, model=YourModule(...))")
     module = module.to(dtype=getattr(torch, meta["dtype"]))
     try:
         module.load_state_dict(weights)
