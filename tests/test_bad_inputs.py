@@ -917,6 +917,30 @@ def test_a_model_json_with_absurd_widths_is_refused_before_anything_is_built(tut
     check(capsys, ["predict", str(run), "--input", "x=0.5"], 2, "describes a network of 4,611,686,")
 
 
+@pytest.mark.parametrize("name", ["p.xlsx", "p.json"])
+def test_predict_out_in_a_format_predict_does_not_write_is_refused(run_dir, tmp_path, capsys, name):
+    check(capsys, ["predict", str(run_dir), "--input", "x=0.5", "--out", str(tmp_path / name)], 2,
+          "but predict writes CSV or Parquet")
+    assert not (tmp_path / name).exists()
+
+
+def test_predict_out_dash_is_standard_output(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(run_dir), "--input", "x=0.5", "--out", "-"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.splitlines()[0] == "x,y_pred" and not (tmp_path / "-").exists()
+
+
+def test_export_out_with_the_other_formats_suffix_is_refused(run_dir, tmp_path, capsys):
+    check(capsys, ["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.pt")], 2,
+          "has the suffix of a torchscript file, but --format onnx writes ONNX; name it m.onnx")
+
+
+def test_hidden_with_an_empty_width_is_refused(tmp_path, capsys):
+    check(capsys, ["train", "--hidden", "1,,2", "--out", str(tmp_path / "r")], 2,
+          "--hidden must be integers such as 100,100, got '1,,2'", out=tmp_path / "r")
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

@@ -137,6 +137,10 @@ class FittedModel:
         if out is not None:
             out = str(out)
             runfolder.check_output(out)  # a regular file, and not one of a run folder's own files
+            suffix = Path(out).suffix.lower()
+            if suffix in OTHER_TABLE_SUFFIXES:
+                raise NnfitError(f"--out {out} names a {suffix} file, but predict writes CSV or Parquet; name it "
+                                 f"{Path(out).with_suffix('.csv').name} or {Path(out).with_suffix('.parquet').name}")
             if out.endswith((".parquet", ".pq")):
                 checkpoint.atomic_write_bytes(out, result.to_parquet(index=False))
             else:
@@ -262,6 +266,11 @@ class FittedModel:
             checkpoint.write_json(out / "summary.json", self.summary)
         if self.history:
             report.write_metrics_csv(out / "metrics.csv", self.history)
+
+
+# Table formats predict does not write: an --out with one of these suffixes is refused, not written as CSV.
+OTHER_TABLE_SUFFIXES = (".xlsx", ".xls", ".json", ".jsonl", ".feather", ".arrow", ".h5", ".hdf5", ".npy", ".npz",
+                        ".tsv", ".xml", ".html")
 
 
 def _squeezed(pred: np.ndarray) -> np.ndarray:

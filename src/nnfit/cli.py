@@ -322,6 +322,8 @@ def cmd_predict(args) -> int:
     if args.std and model.members == 1:
         raise NnfitError(f"--std asks for the spread of an ensemble's members, but {args.run} is a single network, "
                          "so there is no spread to give; train with --ensemble K (K >= 2) for a standard deviation")
+    if args.out == "-":  # the Unix convention: standard output, as without --out
+        args.out = None
     out = model.predict_frame(args.data or _parse_inputs(args.input, model.input_names), out=args.out)
     if args.out:
         print(f"wrote {len(out)} prediction(s) to {args.out}", file=sys.stderr)

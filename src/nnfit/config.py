@@ -427,8 +427,8 @@ def parse_cli_value(name: str, text: Any, problems: list[str]) -> Any:
             return int(text)
         if kind == "float":
             return float(text)
-        if kind == "ints":
-            return tuple(int(v) for v in text.split(",") if v.strip())
+        if kind == "ints":  # every item a number: "1,,2" is a typo, not 1,2
+            return tuple(int(v) for v in text.split(","))
         if kind == "strs":
             return tuple(v.strip() for v in text.split(",") if v.strip())
         if kind == "domain":

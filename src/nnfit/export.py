@@ -65,6 +65,12 @@ def export(fitted, format: str, out=None) -> Path:
         from nnfit.runfolder import EXPORT_FILES, check_output
 
         check_output(out, allowed=EXPORT_FILES)
+        suffix = Path(out).suffix.lower()
+        other = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript"}.get(suffix, format)
+        if other != format:
+            raise NnfitError(f"--out {out} has the suffix of a {other} file, but --format {format} writes "
+                             f"{'ONNX' if format == 'onnx' else 'TorchScript'}; name it "
+                             f"{Path(out).with_suffix(SUFFIXES[format]).name}, or pass --format {other}")
     else:
         if fitted.path is None:
             raise NnfitError(f"this model has no run folder; give the file to write: {S('out', 'FILE')}")
