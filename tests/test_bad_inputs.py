@@ -941,6 +941,29 @@ def test_hidden_with_an_empty_width_is_refused(tmp_path, capsys):
           "--hidden must be integers such as 100,100, got '1,,2'", out=tmp_path / "r")
 
 
+def test_evaluate_target_without_data_is_refused(run_dir, capsys):
+    check(capsys, ["evaluate", str(run_dir), "--target", "y"], 2, "--target names the target column of a table "
+                                                                   "given with --data, and no --data was given")
+
+
+def test_predict_input_given_twice_is_refused(run_dir, capsys):
+    check(capsys, ["predict", str(run_dir), "--input", "x=1", "--input", "x=2"], 2, "--input x=... is given twice")
+
+
+def test_resume_of_a_formula_run_with_data_is_refused(tmp_path, capsys, monkeypatch):
+    from nnfit import devices
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("NNFIT_FAULT", "kill-at-step:3")
+    monkeypatch.setattr(devices, "kill_self", lambda: (_ for _ in ()).throw(SystemExit(137)))
+    with pytest.raises(SystemExit):
+        main(["train", "--samples", "100", "--optimizer", "adam", "--batch-size", "8", "--checkpoint-every", "2",
+              "--epochs", "3", "--no-plots", "--quiet", "--out", str(run)])
+    monkeypatch.delenv("NNFIT_FAULT")
+    check(capsys, ["resume", str(run), "--data", str(tmp_path / "t.csv")], 2,
+          "learns the formula 'x**2 + x', whose samples are drawn again from its seed; --data is only for a table run")
+
+
 # --- item 4: only regular files are written ----------------------------------------------------------------
 
 def test_predict_out_to_a_fifo_is_refused(run_dir, tmp_path, capsys):

@@ -714,6 +714,9 @@ def resume(run, data=None, model=None, reporter: Reporter | None = None, quiet: 
     config = Config.from_dict(state.info["config"])  # checked by the reader
     if not config.out or Path(config.out).resolve() != run.resolve():
         config = config.replace(out=str(run))  # the folder was moved, or is named from elsewhere
+    if data is not None and config.formula is not None:
+        raise NnfitError(f"{run} learns the formula {config.formula!r}, whose samples are drawn again from its seed; "
+                         f"{S('data')} is only for a table run whose table moved: drop it")
     if isinstance(data, (str, Path)):
         config, data = config.replace(data=str(data)), None
     elif data is None and config.data is not None and not Path(config.data).exists():

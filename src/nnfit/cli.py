@@ -343,6 +343,9 @@ def _parse_inputs(items, names):
             raise NnfitError(f"--input {item!r} must look like NAME=VALUE, e.g. {names[0]}=0.5")
         if name not in names:
             raise NnfitError(f"--input {name!r} is not an input of this model; its inputs are {', '.join(names)}")
+        if name in values:
+            raise NnfitError(f"--input {name}=... is given twice; give each input once, with all its values "
+                             f"comma-separated: --input {name}=0.1,0.2")
         if "=" in text:  # --input a=0.1,b=0.2: several columns in one --input
             each = " ".join(f"--input {part.strip()}" for part in item.split(","))
             raise NnfitError(f"--input {item!r} gives several columns in one --input; repeat --input per column: "
@@ -363,6 +366,9 @@ def _parse_inputs(items, names):
 def cmd_evaluate(args) -> int:
     import nnfit
 
+    if args.target and not args.data:
+        raise NnfitError("--target names the target column of a table given with --data, and no --data was given; "
+                         "pass --data FILE --target NAME, or drop --target (a formula run is scored on fresh points)")
     model = nnfit.load(args.run, device=args.device or "cpu")
     ensemble = model.members > 1
     metrics = model.evaluate(data=args.data, target=args.target, samples=args.samples, seed=args.seed,
