@@ -382,6 +382,19 @@ def test_save_load_inspect_keeps_the_freeze_state(tuned_run, tmp_path):
     assert nnfit.inspect(again).rows == nnfit.inspect(tuned_run).rows
 
 
+def test_inspect_shows_every_parameter_even_when_the_summary_lists_some(tuned_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["parameter_table"] = summary["parameter_table"][2:]  # l1's rows gone
+    (run / "summary.json").write_text(json.dumps(summary))
+    shown = nnfit.inspect(run)
+    assert sorted(r["name"] for r in shown.rows) == sorted(r["name"] for r in nnfit.inspect(tuned_run).rows)
+    assert (shown.trainable, shown.frozen) == (289, 32)
+
+
 def test_inspect_a_module_and_bad_arguments():
     model = MLP(2, 1, hidden=(3,))
     freeze.freeze(model, ["l2.bias"])

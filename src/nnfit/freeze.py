@@ -269,7 +269,9 @@ def _inspect_run(folder: Path) -> Inspection:
     state, meta, summary = run.weights, run.meta, run.summary
     recorded = {r["name"]: r for r in summary.get("parameter_table", [])}
     frozen = set(meta.get("frozen", []))
-    names = list(recorded) or list(state)
+    arch = meta["architecture"]
+    parameters = list(arch["parameters"]) if arch["type"] != "mlp" else list(state)  # a custom module's buffers: not
+    names = [*recorded, *(n for n in parameters if n not in recorded)]  # every parameter, whatever summary lists
     rows = []
     for name in names:
         tensor = state[name]
