@@ -281,3 +281,15 @@ def test_reduced_precision_does_not_pick_lbfgs():
     assert choose_recipe(Config(), 900, 10_000).optimizer == "lbfgs"
     assert choose_recipe(Config(precision="bf16"), 900, 10_000).optimizer == "adam"
     assert choose_recipe(Config(precision="16-mixed"), 900, 10_000).optimizer == "adam"
+
+
+def test_predictions_that_are_not_finite_are_flagged(tmp_path):
+    import pandas as pd
+    import torch
+
+    model = nnfit.fit(samples=100, epochs=1, hidden=(8,), quiet=True, plots=False)
+    with torch.no_grad():
+        next(model.module.parameters())[0].fill_(float("nan"))  # as in an edited run: one unit's weight
+    with pytest.warns(NnfitWarning, match=r"2 of 2 prediction\(s\) are not finite"):
+        frame = model.predict_frame(pd.DataFrame({"x": [0.25, 0.75]}))
+    assert frame["y_pred"].isna().all()

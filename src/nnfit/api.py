@@ -129,6 +129,11 @@ class FittedModel:
         X = frame[list(self.input_names)]
         pred, std = self.predict(X, return_std=True) if self.members > 1 else (self.predict(X), None)
         pred = np.asarray(pred).reshape(len(frame), -1)
+        bad = int((~np.isfinite(pred)).any(axis=1).sum())
+        if bad:
+            warnings.warn(f"{bad} of {len(frame)} prediction(s) are not finite (NaN or infinite): their inputs overflow "
+                          f"the network in {next(self.module.parameters()).dtype}, or its weights are not finite "
+                          "(an edited run); check those rows' inputs", NnfitWarning, stacklevel=2)
         result = frame.copy()
         for i, name in enumerate(self.target_names):
             result[f"{name}_pred"] = pred[:, i]
@@ -187,7 +192,8 @@ class FittedModel:
         elif data is not None:
             from nnfit.tables import load_table
 
-            table = load_table(data, target or list(self.target_names), list(self.input_names))
+            table = load_table(data, target or list(self.target_names), list(self.input_names),
+                               purpose="to score a model (R² compares at least two points)")
             X_t, Y_t = torch.from_numpy(table.X), torch.from_numpy(table.Y)
         else:
             formula = self.formula

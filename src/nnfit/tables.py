@@ -58,7 +58,7 @@ class Table:
     source: str
 
 
-def load_table(source, target=None, inputs=None, *, min_rows: int = 2) -> Table:
+def load_table(source, target=None, inputs=None, *, min_rows: int = 2, purpose: str = "to fit a function") -> Table:
     """Load input and target columns from a file or a DataFrame.
 
     Args:
@@ -72,7 +72,7 @@ def load_table(source, target=None, inputs=None, *, min_rows: int = 2) -> Table:
         inputs: Input column name(s), given like ``target``. Defaults to every
             other column that holds numbers; wholly non-numeric columns are
             skipped with a warning.
-        min_rows: The fewest rows accepted.
+        min_rows: The fewest rows accepted; ``purpose`` says what they are needed for, in the error.
 
     Returns:
         A Table whose X has shape (n, d) and Y shape (n, k), both float64.
@@ -101,7 +101,7 @@ def load_table(source, target=None, inputs=None, *, min_rows: int = 2) -> Table:
         raise NnfitError(f"{name} is empty: it has no columns; give data with at least one column")
     if len(frame) < min_rows:
         raise NnfitError(
-            f"{name} has {len(frame)} rows; at least {min_rows} are needed to fit a function"
+            f"{name} has {len(frame)} rows; at least {min_rows} are needed {purpose}"
         )
     target_names, input_names, numbers = _select_columns(
         frame, name, target, inputs, default_target
