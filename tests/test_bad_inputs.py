@@ -739,51 +739,6 @@ def test_default_out_in_the_same_second_gets_its_own_folder(tmp_path, monkeypatc
     assert len(list((tmp_path / "runs").iterdir())) == 3  # a refused run leaves no empty folder
 
 
-def test_a_commit_cut_short_is_finished_by_the_next_reader(tutorial_run, tmp_path):
-    model, folder = tutorial_run
-    run = _copy(folder, tmp_path)
-    old = nnfit.load(run).summary
-    new = nnfit.fit(samples=100, epochs=1, quiet=True, plots=False)
-    stage = run / runfolder.STAGING
-    stage.mkdir()
-    new._write_files(stage)
-    names = sorted(p.name for p in stage.iterdir())
-    (stage / runfolder.COMPLETE).write_text(json.dumps({"files": names, "keep": []}))
-    os.replace(stage / "model.safetensors", run / "model.safetensors")  # the crash came after one rename
-    loaded = nnfit.load(run)
-    assert loaded.summary == json.loads(json.dumps(new.summary)) != old
-    assert not stage.exists() and not (run / "fit.png").exists()
-
-
-def test_a_reader_racing_a_commit_reads_one_whole_run(tutorial_run, tmp_path, monkeypatch):
-    """A commit that lands between a reader's reads of model.json and the weights: the reader saw one
-    run's metadata and the next run's weights, and reads again once the commit has finished."""
-    from nnfit.errors import NnfitError
-
-    model, folder = tutorial_run
-    new = nnfit.fit(samples=100, epochs=1, hidden=(8,), quiet=True, plots=False)  # another architecture
-    read_bytes, raced = runfolder.read_bytes, []
-
-    def racing(where, name, *args, **kwargs):
-        if name == runfolder.WEIGHTS and not raced:  # model.json is read: the writer commits now
-            raced.append(name)
-            with runfolder.staged(where) as stage:
-                new._write_files(stage)
-            runfolder.commit(where)
-        return read_bytes(where, name, *args, **kwargs)
-
-    monkeypatch.setattr(runfolder, "read_bytes", racing)
-    loaded = nnfit.load(_copy(folder, tmp_path / "a"))
-    assert raced and loaded.summary == json.loads(json.dumps(new.summary))
-    assert next(loaded.module.parameters()).shape == (8, 1)
-    # Without the second read, the reader fails as on a damaged folder.
-    raced.clear()
-    monkeypatch.setattr(runfolder, "_commit_meanwhile", lambda *a, **k: False)
-    with pytest.raises(NnfitError, match="does not match the checksum"):
-        nnfit.load(_copy(folder, tmp_path / "b"))
-    assert raced
-
-
 def _staged_commit(run, fitted):
     """A writer's commit of ``fitted`` into ``run``, staged and marked but not yet moved into place."""
     stage = run / runfolder.STAGING
@@ -793,36 +748,78 @@ def _staged_commit(run, fitted):
     (stage / runfolder.COMPLETE).write_text(json.dumps({"files": names, "keep": []}))
 
 
-def test_a_reader_that_finished_while_a_commit_ran_reads_again(tutorial_run, tmp_path, monkeypatch):
+def _commit_on_reading(monkeypatch, name, fitted):
+    """Make the run reader race a writer: when it first reads ``name``, ``fitted`` is committed into the folder
+    it reads. Returns the list that records the race."""
+    read_bytes, raced = runfolder.read_bytes, []
+
+    def racing(where, file, *args, **kwargs):
+        if file == name and not raced:
+            raced.append(file)
+            with runfolder.staged(where) as stage:
+                fitted._write_files(stage)
+            runfolder.commit(where)
+        return read_bytes(where, file, *args, **kwargs)
+
+    monkeypatch.setattr(runfolder, "read_bytes", racing)
+    return raced
+
+
+@pytest.fixture(scope="module")
+def other_run():
+    """Another run to commit over the tutorial's: another architecture and seed."""
+    return nnfit.fit(samples=100, epochs=1, seed=5, hidden=(8,), quiet=True, plots=False)
+
+
+def test_a_commit_cut_short_is_finished_by_the_next_reader(tutorial_run, tmp_path):
+    model, folder = tutorial_run
+    run = _copy(folder, tmp_path)
+    old = nnfit.load(run).summary
+    new = nnfit.fit(samples=100, epochs=1, quiet=True, plots=False)
+    _staged_commit(run, new)
+    stage = run / runfolder.STAGING
+    os.replace(stage / "model.safetensors", run / "model.safetensors")  # the crash came after one rename
+    loaded = nnfit.load(run)
+    assert loaded.summary == json.loads(json.dumps(new.summary)) != old
+    assert not stage.exists() and not (run / "fit.png").exists()
+
+
+def test_a_reader_racing_a_commit_reads_one_whole_run(tutorial_run, other_run, tmp_path, monkeypatch):
+    """A commit that lands between a reader's reads of model.json and the weights: the reader saw one
+    run's metadata and the next run's weights, and reads again once the commit has finished."""
+    from nnfit.errors import NnfitError
+
+    model, folder = tutorial_run
+    raced = _commit_on_reading(monkeypatch, runfolder.WEIGHTS, other_run)  # model.json is read: commit now
+    loaded = nnfit.load(_copy(folder, tmp_path / "a"))
+    assert raced and loaded.summary == json.loads(json.dumps(other_run.summary))
+    assert next(loaded.module.parameters()).shape == (8, 1)
+    # Without the second read, the reader fails as on a damaged folder.
+    raced.clear()
+    monkeypatch.setattr(runfolder, "_commit_meanwhile", lambda *a, **k: False)
+    with pytest.raises(NnfitError, match="does not match the checksum"):
+        nnfit.load(_copy(folder, tmp_path / "b"))
+    assert raced
+
+
+def test_a_reader_that_finished_while_a_commit_ran_reads_again(tutorial_run, other_run, tmp_path, monkeypatch):
     """The commit lands after the weights were read, while config.json is: no read fails, but the reader
     would mix one run's weights with the next run's settings."""
     model, folder = tutorial_run
     run = _copy(folder, tmp_path)
-    new = nnfit.fit(samples=100, epochs=1, seed=5, hidden=(8,), quiet=True, plots=False)
-    read_bytes, raced = runfolder.read_bytes, []
-
-    def racing(where, name, *args, **kwargs):
-        if name == runfolder.CONFIG and not raced:
-            raced.append(name)
-            with runfolder.staged(where) as stage:
-                new._write_files(stage)
-            runfolder.commit(where)
-        return read_bytes(where, name, *args, **kwargs)
-
-    monkeypatch.setattr(runfolder, "read_bytes", racing)
+    raced = _commit_on_reading(monkeypatch, runfolder.CONFIG, other_run)
     loaded = nnfit.load(run)
     assert raced and loaded.config.seed == 5 and next(loaded.module.parameters()).shape == (8, 1)
 
 
-def test_a_reader_waits_for_a_commit_in_progress(tutorial_run, tmp_path):
+def test_a_reader_waits_for_a_commit_in_progress(tutorial_run, other_run, tmp_path):
     import threading
     import time
 
     model, folder = tutorial_run
     run = _copy(folder, tmp_path)
-    new = nnfit.fit(samples=100, epochs=1, hidden=(8,), quiet=True, plots=False)
     fd = runfolder._lock(run)  # the writer holds its folder
-    _staged_commit(run, new)
+    _staged_commit(run, other_run)
 
     def writer():
         time.sleep(0.3)
