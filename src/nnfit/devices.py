@@ -473,9 +473,9 @@ def free_host_memory() -> int:
     return 1 << 62 if free is None else free
 
 
-def check_fits_in_memory(nbytes: int, what: str, remedy: str) -> None:
-    """Refuse, before allocating, what cannot fit in the free host memory."""
-    free = free_host_memory()
+def check_fits_in_memory(nbytes: int, what: str, remedy: str, free: int | None = None) -> None:
+    """Refuse, before allocating, what cannot fit in the free host memory (``free``: as the caller read it)."""
+    free = free_host_memory() if free is None else free
     if nbytes > free:
         raise NnfitError(f"{what} need about {_format_bytes(nbytes)} of memory, more than the "
                          f"{_format_bytes(free)} free now; {remedy}")
@@ -575,21 +575,20 @@ def members_error(estimate: MemoryEstimate, device: torch.device, budget: int, t
     return NnfitError(f"{head}; {fits}, or use {smaller} or smaller widths ({S('hidden')})")
 
 
-def check_members_fit(estimate: MemoryEstimate, device: torch.device, held: int = 0, log=None) -> int:
+def check_members_fit(estimate: MemoryEstimate, device: torch.device, held: int, log) -> None:
     """Refuse, before training, an ensemble that cannot fit even in micro-batches of ``estimate.floor``
     rows (row halving could not save it); ``held``: bytes of the estimate already allocated there
-    (the weights, on the CPU). Where it fits only in micro-batches, ``log`` says so. Returns the budget."""
+    (the weights, on the CPU). Where it fits only in micro-batches, ``log`` says so."""
     free, total = memory_of(device)
     budget = free + held
     floor = min(estimate.floor, estimate.batch)
     if estimate.total(floor) > budget:
         raise members_error(estimate, device, budget, total, floor)
-    if estimate.total() > budget and log is not None:
+    if estimate.total() > budget:
         log(f"memory: {estimate.members} members at batch {estimate.batch} need about "
             f"{_format_bytes(estimate.total())}, more than the {_format_bytes(budget)} free on {device}; expect "
             f"out-of-memory retries in smaller micro-batches (same result, slower); --ensemble "
             f"{estimate.largest(budget)} fits whole batches")
-    return budget
 
 
 _OOM_MESSAGES = ("MPS backend out of memory", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
@@ -639,7 +638,7 @@ class MemoryGuard:
     def halve(self, size: int, where: str, device: torch.device) -> int:
         free_memory(device)
         new = size // 2
-        if self.estimate is not None and self.estimate.members > 1:
+        if self.estimate is not None:  # set for an ensemble only (train.memory_estimate)
             self._members_or_rows(size, new, where, device)
         if new < self.min_batch_size:
             raise NnfitError(

@@ -116,11 +116,11 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
     size = torch.finfo(getattr(torch, config.dtype)).bits // 8
     estimate = training_memory(n_inputs, n_outputs, config.hidden, members, size, moments=2, batch=1, rows=0)
     asked = f" with {S('ensemble', members)}" if members > 1 else ""
-    most = estimate.largest(devices.free_host_memory())
-    fits = "" if members == 1 else f" (the most that fit: {S('ensemble', most)})"
+    free = devices.free_host_memory()  # read once: the check and the most that fit agree
+    fits = "" if members == 1 else f" (the most that fit: {S('ensemble', estimate.largest(free))})"
     devices.check_fits_in_memory(estimate.total(), f"{S('hidden', ','.join(map(str, config.hidden)))}{asked} makes a "
                                  f"network of {members * estimate.parameters:,} parameters, which in {estimate.copies}",
-                                 f"use smaller widths{' or fewer members' if members > 1 else ''}{fits}")
+                                 f"use smaller widths{' or fewer members' if members > 1 else ''}{fits}", free)
     if members > 1:
         stacked = StackedMLP(members, n_inputs, n_outputs, config.hidden, config.activation)
         return stacked.init_members([config.seed + k for k in range(members)])

@@ -289,7 +289,6 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
     X_val, Y_val = _rank_part(data.X_val, ctx), _rank_part(data.Y_val, ctx)
     if lbfgs:  # full batch: each rank holds a contiguous part of the training rows
         X_full, Y_full = _rank_part(data.X_train, ctx), _rank_part(data.Y_train, ctx)
-    writer = _tensorboard(config, ctx, saver)  # None unless --tensorboard; only the main process writes
 
     saver.capture = run.snapshot
     reporter.start(recipe, n_train, len(data.X_val))
@@ -298,16 +297,14 @@ def train(model: torch.nn.Module, data: TrainData, config, reporter, ctx=None, s
         reporter.log(hint)
     epoch, partial = 1, None  # partial: the permutation and progress of an epoch a checkpoint interrupted
     if saver.resume is not None:
-        try:
-            epoch, partial = run.restore(saver.resume)
-        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:  # fields the reader's schema cannot see into
-            raise NnfitError(f"the training state in {saver.folder} does not fit this run ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}); it was edited or damaged: start a new run") from None
+        epoch, partial = run.restore(saver.resume)
         reporter.log(f"resuming from {saver.resume.describe()} ({saver.folder})")
         rollback = Rollback(saver.resume)
     else:
         rollback = Rollback(run.keep_point(saver.position(0)))  # where a divergence in the first epoch goes back to
     stop.start(saver.resume)
+    # None unless --tensorboard; only the main process writes. A resumed run purges the epochs from its first on.
+    writer = _tensorboard(config, ctx, saver, purge=epoch if saver.resume is not None else None)
     while epoch <= recipe.epochs:
         epoch_start = time.perf_counter()
         if epoch in unfreeze and partial is None:
@@ -459,9 +456,9 @@ class Run:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.best_state = _copy_state(model)
         self.start_values = freeze.snapshot(model)  # the proof that frozen tensors stay put, and movement, start here
-        # The rollback point: one state whose tensors every epoch's end overwrites (keep_point), and which
-        # changes of best_state and start_values it holds (versions, counted up when either changes).
-        self._point, self._versions, self._point_versions = None, [0, 0], None
+        # The rollback point: one state whose tensors every epoch's end overwrites (keep_point), and which of
+        # best_state and start_values changed since it was last taken (so it copies only those).
+        self._point, self._stale = None, {"best", "start"}
         self._prepare_views()
         self.net = _wrap(model, ctx)
         self.step = make_step(self.net, self.optimizer, plan, config)
@@ -504,7 +501,7 @@ class Run:
         else:
             trainstate.copy_into([t for k in members for t in self._member_rows[k][0]],
                                  [t for k in members for t in self._member_rows[k][1]])
-        self._versions[0] += 1
+        self._stale.add("best")
 
     @torch.no_grad()  # views to copy from and into, not parts of any graph
     def _prepare_views(self) -> None:
@@ -521,10 +518,9 @@ class Run:
         Every call overwrites the tensors of the previous one (``trainstate.capture``'s ``into``): the
         run keeps one rollback point, which a restore has already copied out of before the next. The
         best and starting weights are copied only when they changed since."""
-        unchanged = () if self._point_versions is None else \
-            [name for name, now, then in zip(("best", "start"), self._versions, self._point_versions) if now == then]
+        unchanged = [name for name in ("best", "start") if name not in self._stale]
         self._point = self.snapshot(position, into=self._point, unchanged=unchanged)
-        self._point_versions = list(self._versions)
+        self._stale = set()
         return self._point
 
     def lr(self) -> float:
@@ -597,15 +593,19 @@ class Run:
         # A state read from disk is on the CPU: the start and best weights go back to the model's device.
         self.start_values = trainstate.part(state, "start", live)
         self.best_state = trainstate.part(state, "best", live)
-        self._versions = [v + 1 for v in self._versions]  # new best and start tensors: the next point copies them
+        self._stale = {"best", "start"}  # new best and start tensors: the next point copies them
         self._prepare_views()
         position = state.position
         self.optimizer = _rebuild(self.model, self.frozen_at_start, self.unfreeze_at, position["epoch"], self.recipe,
                                   self.config)
-        self.optimizer.load_state_dict(trainstate.unpacked(state, "optimizer"))
+        try:  # the optimizer's and scaler's states are torch's own: the reader's schema cannot see into them
+            self.optimizer.load_state_dict(trainstate.unpacked(state, "optimizer"))
+            if plan.scaler is not None:
+                plan.scaler.load_state_dict(trainstate.unpacked(state, "scaler"))
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise NnfitError(f"the training state in {self.saver.folder} does not fit this run ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); it was edited or damaged: start a new run") from None
         self.schedule.factor = state.info.get("lr_factor", 1.0)
-        if plan.scaler is not None:
-            plan.scaler.load_state_dict(trainstate.unpacked(state, "scaler"))
         plan.micro, plan.eval_chunk = state.info["micro"], state.info["eval_chunk"]
         plan.guard.retries[:] = state.info["oom_retries"]
         trainstate.restore_rng(state, self.generator)
@@ -757,7 +757,7 @@ def _add_group(optimizer, group: dict, recipe: Recipe) -> None:
     optimizer.add_param_group(group)
 
 
-def _tensorboard(config, ctx, saver):
+def _tensorboard(config, ctx, saver, purge: int | None):
     """A SummaryWriter on RUN/tb/<the run's start> with --tensorboard (imported here: tensorboard is an
     optional extra). Each run writes its own folder, so a run replacing another (--overwrite) is never
     drawn on top of it; a resumed run continues the folder, and the epochs it trains again after the saved
@@ -775,10 +775,6 @@ def _tensorboard(config, ctx, saver):
     from nnfit.runfolder import TENSORBOARD, new_events_name
 
     name = saver.info.get("tensorboard_run") or new_events_name(config.out)
-    purge = None
-    if saver.resume is not None:  # the first epoch this process logs: the interrupted one, or the next
-        position = saver.resume.position
-        purge = position["epoch"] + 1 if position.get("finished") else max(position["epoch"], 1)
     return SummaryWriter(log_dir=str(Path(config.out) / TENSORBOARD / name), purge_step=purge)
 
 

@@ -93,7 +93,7 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
 def _history(history: list, into: State | None) -> list:
     """Copies of the history's rows: only of those appended since ``into`` was taken from the same list (a
     restore replaces the list), so that an epoch's end does not copy every earlier epoch's row again."""
-    if into is None or into.history_of is not history or len(into.info["history"]) > len(history):
+    if into is None or into.history_of is not history:  # the loop only appends to its list
         return [dict(row) for row in history]
     kept = into.info["history"]
     return [*kept, *(dict(row) for row in history[len(kept):])]
