@@ -153,6 +153,17 @@ def emit(payload: dict) -> None:
     print("RESULT " + json.dumps(payload), flush=True)
 
 
+def keeping_lines(lines: list):
+    """A quiet nnfit reporter that appends the run's log lines to ``lines`` (whether the step was captured
+    as a CUDA graph, and in how long)."""
+    from nnfit.progress import Reporter
+
+    class Keep(Reporter):
+        def log(self, message):
+            lines.append(message)
+    return Keep(quiet=True)
+
+
 def table(header: list[str], rows: list[list], title: str = "") -> str:
     """A Markdown table (readable in a terminal and pasteable into docs/benchmarks.md)."""
     cells = [[str(c) for c in row] for row in [header, *rows]]

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import fmt_e, load_report, machine, table  # noqa: E402
+from _common import fmt_e, keeping_lines, load_report, machine, table  # noqa: E402
 
 WEIGHTS = 1 * 100 + 100 + 100 * 100 + 100 + 100 * 1 + 1  # the tutorial network's parameters
 
@@ -37,21 +37,11 @@ def train_seconds(batch: int, epochs: int, n: int, device: str, repeats: int,
                   lines: dict) -> dict[int, tuple[list[float], list]]:
     """nnfit's own training seconds for K = 1 and K = 8, ``repeats`` runs each, alternating (after a warm-up
     run of each), and the CPU threads each run chose; a run's lines about its step (captured as a CUDA graph
-    or not) go to ``lines[K]``. Alternating spreads a drift in the machine's speed over both."""
+    or not) go to ``lines[K]`` with the rest of its log. Alternating spreads a drift in the machine's speed over both."""
     import numpy as np
     import pandas as pd
 
     import nnfit
-    from nnfit.progress import Reporter
-
-    class Keep(Reporter):
-        def __init__(self, members):
-            super().__init__(quiet=True)
-            self.members = members
-
-        def log(self, message):
-            if "CUDA graph" in message:
-                lines[self.members].append(message)
 
     x = np.random.default_rng(0).uniform(0, 1, n)
     frame = pd.DataFrame({"x": x, "y": x ** 2 + x})
@@ -62,7 +52,7 @@ def train_seconds(batch: int, epochs: int, n: int, device: str, repeats: int,
         nnfit.fit(epochs=1, ensemble=k, **common)  # warm-up
     for _ in range(repeats):
         for k, (seconds, threads) in out.items():
-            summary = nnfit.fit(epochs=epochs, ensemble=k, reporter=Keep(k), **common).summary
+            summary = nnfit.fit(epochs=epochs, ensemble=k, reporter=keeping_lines(lines[k]), **common).summary
             seconds.append(summary["train_seconds"])
             threads.append(summary.get("threads"))
     return out
@@ -100,7 +90,8 @@ def speed(quick: bool) -> None:
         one, eight = (statistics.median(runs[k][0]) for k in (1, 8))
         ratios = sorted(b / a for a, b in zip(runs[1][0], runs[8][0]))
         if device != "cpu":
-            notes += [f"{device}, batch {batch}, {k} member(s): {line}" for k in (1, 8) for line in lines[k][:1]]
+            notes += [f"{device}, batch {batch}, {k} member(s): {line}" for k in (1, 8)
+                      for line in [line for line in lines[k] if "CUDA graph" in line][:1]]
             notes += [f"{device}, batch {batch}, {k} member(s): the step was NOT captured" for k in (1, 8)
                       if not any("captured as a CUDA graph" in line for line in lines[k])]
         rate = rows_n * epochs / eight

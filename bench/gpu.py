@@ -14,14 +14,13 @@ own ``train_seconds`` (warm-up and capture included, set-up and evaluation after
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import fmt_s, machine, table  # noqa: E402
+from _common import fmt_s, keeping_lines, machine, table  # noqa: E402
 
 
 def _net(widths):
@@ -133,22 +132,10 @@ def nnfit_rate(X, Y, bs, hidden, seconds, dev, precision="32", log=None, ensembl
     warm = nnfit.fit(epochs=1, **common)
     epochs = max(2, round(seconds / max(warm.summary["train_seconds"], 1e-4)))
     lines = []
-    fitted = nnfit.fit(epochs=epochs, reporter=_Lines(lines), **common)
+    fitted = nnfit.fit(epochs=epochs, reporter=keeping_lines(lines), **common)
     if log is not None:
         log.extend(line for line in lines if "graph" in line or "eager" in line)
     return len(X) * epochs / fitted.summary["train_seconds"]
-
-
-class _Lines:
-    """A quiet reporter that keeps the run's log lines (whether the step was captured, and in how long)."""
-
-    def __new__(cls, lines):
-        from nnfit.progress import Reporter
-
-        class Keep(Reporter):
-            def log(self, message):
-                lines.append(message)
-        return Keep(quiet=True)
 
 
 def lightning_rate(X, Y, bs, widths, batches, dev):

@@ -124,6 +124,13 @@ class FittedModel:
         ``data``: a table's path or a DataFrame. ``out`` (.csv or .parquet): also write it there (atomically)."""
         from nnfit.tables import read_inputs
 
+        if out is not None:  # refused before anything is read or predicted
+            out = str(out)
+            runfolder.check_output(out)  # a regular file, and not one of a run folder's own files
+            suffix = Path(out).suffix.lower()
+            if suffix in OTHER_TABLE_SUFFIXES:
+                raise NnfitError(f"--out {out} names a {suffix} file, but predict writes CSV or Parquet; name it "
+                                 f"{Path(out).with_suffix('.csv').name} or {Path(out).with_suffix('.parquet').name}")
         frame = read_inputs(data, self.input_names, allowed_extra=self.target_names) \
             if isinstance(data, (str, Path)) else data  # a DataFrame is checked by predict
         X = frame[list(self.input_names)]
@@ -140,12 +147,6 @@ class FittedModel:
             if std is not None:
                 result[f"{name}_std"] = np.asarray(std).reshape(len(frame), -1)[:, i]
         if out is not None:
-            out = str(out)
-            runfolder.check_output(out)  # a regular file, and not one of a run folder's own files
-            suffix = Path(out).suffix.lower()
-            if suffix in OTHER_TABLE_SUFFIXES:
-                raise NnfitError(f"--out {out} names a {suffix} file, but predict writes CSV or Parquet; name it "
-                                 f"{Path(out).with_suffix('.csv').name} or {Path(out).with_suffix('.parquet').name}")
             if out.endswith((".parquet", ".pq")):
                 checkpoint.atomic_write_bytes(out, result.to_parquet(index=False))
             else:
@@ -382,7 +383,6 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
     kept = functools.partial(_kept_after_stop, config.out)
     with trainstate.phase("loading the data", kept=kept):
         problem = problem or build_problem(config, frame)
-    _check_output_names(problem)
     if problem.formula is not None and config.formula is None:
         config = config.replace(formula=problem.formula.text, domain=problem.domain)
     dtype_name = dtype_for_values(problem, config.dtype, config.precision, ctx.device)
@@ -625,18 +625,8 @@ def _check_state_fits(state: trainstate.State, module, where: Path) -> None:
         runfolder.check_tensors(trainstate.part(state, prefix), expected, dtype, f"{where} ({prefix})")
 
 
-def _check_output_names(problem: Problem) -> None:
-    """predict writes NAME_pred (and NAME_std) beside the table's columns: no input or target may have one of
-    those names, or a prediction would overwrite it."""
-    outputs = {f"{t}_{kind}": t for t in problem.target_names for kind in ("pred", "std")}
-    for name in (*problem.input_names, *problem.target_names):
-        if name in outputs:
-            raise NnfitError(f"the column {name!r} has the name predict gives to the predictions of the target "
-                             f"{outputs[name]!r}, so a prediction would overwrite it; rename that column")
-
-
 def _keep_best(exc: TrainingDiverged, module, scaling: Scaling, problem: Problem, config: Config, ctx,
-               events: str | None = None):
+               events: str | None):
     """After a divergence that rollbacks could not cure: save the best weights (the module holds them), and
     the run's TensorBoard events (``events``: tb/<run>), which show how it diverged."""
     result = exc.result

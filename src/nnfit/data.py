@@ -28,6 +28,15 @@ class Problem:
     formula: Formula | None = None
     domain: tuple = ()
 
+    def __post_init__(self):
+        # predict writes NAME_pred (and NAME_std) beside the table's columns: no input or target may have one of
+        # those names, or a prediction would overwrite it.
+        outputs = {f"{t}_{kind}": t for t in self.target_names for kind in ("pred", "std")}
+        for name in (*self.input_names, *self.target_names):
+            if name in outputs:
+                raise NnfitError(f"the column {name!r} has the name predict gives to the predictions of the target "
+                                 f"{outputs[name]!r}, so a prediction would overwrite it; rename that column")
+
 
 def formula_of(config) -> Formula:
     return parse_formula(config.formula, [name for name, _, _ in config.domain])

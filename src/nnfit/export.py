@@ -18,6 +18,7 @@ from torch import nn
 import nnfit
 from nnfit.checkpoint import atomic_write_bytes
 from nnfit.errors import NnfitError
+from nnfit.model import _first_line
 from nnfit.errors import setting as S
 
 FORMATS = ("onnx", "torchscript")
@@ -110,7 +111,7 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
             torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=outputs,
                               dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]}, opset_version=ONNX_OPSET)
         except Exception as exc:  # a custom module's operation that the exporter cannot trace or express
-            raise NnfitError(f"the model could not be exported to ONNX: {_first_line(exc)}; a custom module must be "
+            raise NnfitError(f"the model could not be exported to ONNX: {_first_line(exc)[:300]}; a custom module must be "
                              "traceable with plain tensor operations (or try --format torchscript)") from None
     model = onnx.load_from_string(buf.getvalue())
     model.doc_string = (f"nnfit model: inputs {', '.join(meta['input_names'])} -> "
@@ -133,12 +134,7 @@ def _torchscript_bytes(module: nn.Module, meta: dict) -> bytes:
                 scripted = torch.jit.trace(module, torch.zeros(2, len(meta["input_names"]),
                                                                dtype=getattr(torch, meta["dtype"])))
             except Exception as exc:
-                raise NnfitError(f"the model could not be exported to TorchScript: {_first_line(exc)}; a custom "
+                raise NnfitError(f"the model could not be exported to TorchScript: {_first_line(exc)[:300]}; a custom "
                                  "module must be scriptable or traceable") from None
         torch.jit.save(scripted, buf, _extra_files={"nnfit.json": json.dumps(meta)})
     return buf.getvalue()
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

@@ -445,8 +445,7 @@ def _folder(folder) -> Path:
         raise NnfitError(f"run folder {folder} does not exist; pass the --out folder of a training run")
     if not folder.is_dir():
         raise NnfitError(f"{folder} is not a run folder; pass the folder that holds {META} and {WEIGHTS}")
-    recover(folder)
-    return folder
+    return folder  # its readers recover an interrupted commit (_consistent)
 
 
 def check_meta(meta, where: str) -> dict:
@@ -930,11 +929,7 @@ def _finish_commit(folder: Path) -> None:
 
 
 def _drop_staging(stage: Path) -> None:
-    if os.path.isdir(stage) and not os.path.islink(stage):
-        shutil.rmtree(stage, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(stage)
+    _remove(stage)
     if os.path.lexists(stage):
         raise NnfitError(f"could not remove {stage}, a save of the run that did not finish; remove it by hand "
                          "(the run's own files are untouched)")
@@ -947,8 +942,7 @@ def _commit_plan(plan, stage: Path, folder: Path) -> dict:
     if not (isinstance(plan, dict) and isinstance(plan.get("files"), list) and isinstance(plan.get("keep"), list)):
         raise ValueError("not a commit plan")
     for name in plan["files"]:
-        if not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
-                and is_run_file(name)):
+        if not (isinstance(name, str) and name == Path(name).name and is_run_file(name)):
             raise ValueError(f"not a run file's name: {name!r}")
         staged = os.path.lexists(stage / name)
         if (staged and not stat.S_ISREG(os.lstat(stage / name).st_mode)) or \
