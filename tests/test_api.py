@@ -59,7 +59,7 @@ def test_predict_accepts_numpy_dataframe_and_tensor(tutorial_run):
     assert a.shape == (3,)
     assert np.array_equal(a, model.predict(pd.DataFrame({"x": x})))
     assert np.array_equal(a, model.predict(torch.tensor(x).reshape(-1, 1)))
-    with pytest.raises(NnfitError, match="missing column"):
+    with pytest.raises(NnfitError, match="missing input column"):
         model.predict(pd.DataFrame({"z": x}))
     with pytest.raises(NnfitError, match=r"shape \(3, 2\)"):
         model.predict(np.zeros((3, 2)))
@@ -293,3 +293,52 @@ def test_predictions_that_are_not_finite_are_flagged(tmp_path):
     with pytest.warns(NnfitWarning, match=r"2 of 2 prediction\(s\) are not finite"):
         frame = model.predict_frame(pd.DataFrame({"x": [0.25, 0.75]}))
     assert frame["y_pred"].isna().all()
+
+
+def test_a_module_instance_is_copied_so_earlier_results_keep_their_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kw = dict(formula="x**2", domain={"x": (0, 1)}, model=net, epochs=2, quiet=True)
+    a = nnfit.fit(**kw)
+    x = np.linspace(0, 1, 5).reshape(-1, 1)
+    first = a.predict(x)
+    b = nnfit.fit(**kw, seed=1)
+    assert a.module is not b.module and a.module is not net
+    assert np.array_equal(a.predict(x), first)  # the second fit left the first result alone
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the instance is untouched
+
+
+def test_seed_none_draws_a_fresh_seed_and_records_it(tmp_path):
+    kw = dict(formula="x**2", domain={"x": (0, 1)}, hidden=(4,), epochs=2, quiet=True)
+    a = nnfit.fit(**kw, seed=None, out=str(tmp_path / "run"))
+    assert isinstance(a.config.seed, int) and a.summary["seed"] == a.config.seed
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == a.config.seed
+    again = nnfit.fit(**kw, seed=a.config.seed)  # the recorded seed reproduces the run
+    assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), again.module.parameters()))
+    assert nnfit.Config(seed=None).seed >= 0
+    assert len({nnfit.Config(seed=None).seed for _ in range(5)}) > 1
+
+
+def test_hidden_takes_integral_floats_numpy_ints_and_a_comma_string():
+    assert nnfit.Config(hidden=(4.0,)).hidden == (4,)
+    assert nnfit.Config(hidden=np.array([8.0, 3])).hidden == (8, 3)
+    assert nnfit.Config(hidden=np.int64(5)).hidden == (5,)
+    assert nnfit.Config(hidden="8,8").hidden == (8, 8)
+    model = nnfit.fit(formula="x**2", domain={"x": (0, 1)}, hidden=(4.0,), epochs=1, quiet=True)
+    assert model.module.l1.out_features == 4
+    for bad, says in (((4.5,), "positive widths"), ("8,a", "'8,a'"), (("a",), "'a' is not a number")):
+        with pytest.raises(NnfitError, match=says):
+            nnfit.Config(hidden=bad)
+
+
+def test_predict_frame_refuses_bad_tables_with_one_error(tutorial_run, tmp_path):
+    model, _ = tutorial_run
+    with pytest.raises(NnfitError, match="missing input column"):
+        model.predict_frame(pd.DataFrame({"z": [0.5]}))
+    with pytest.raises(NnfitError, match="DataFrame"):
+        model.predict_frame(np.array([[0.5]]))
+    out = tmp_path / "P.PARQUET"
+    model.predict_frame(pd.DataFrame({"x": [0.25, 0.5]}), out=out)
+    assert out.read_bytes()[:4] == b"PAR1"
+    assert list(pd.read_parquet(out).columns) == ["x", "y_pred"]
