@@ -195,3 +195,18 @@ def test_hidden_as_numpy_floats_trains(product):
     (X, y), _ = product
     est = nnfit.Regressor(hidden=np.array([8.0]), epochs=2).fit(X[:60], y[:60])
     assert est.model_.module.l1.out_features == 8
+
+
+def test_documented_signature_lists_every_parameter():
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "integrations.md").read_text()
+    text = re.search(r"`nnfit\.Regressor\((.*?)\)`:", doc, re.S).group(1)
+    call = ast.parse(f"f({text})").body[0].value
+    documented = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    params = inspect.signature(nnfit.Regressor).parameters
+    assert list(documented) == list(params)
+    assert documented == {k: p.default for k, p in params.items()}
