@@ -342,3 +342,14 @@ def test_predict_frame_refuses_bad_tables_with_one_error(tutorial_run, tmp_path)
     model.predict_frame(pd.DataFrame({"x": [0.25, 0.5]}), out=out)
     assert out.read_bytes()[:4] == b"PAR1"
     assert list(pd.read_parquet(out).columns) == ["x", "y_pred"]
+
+
+def test_a_dataframe_with_integer_column_labels_fits_and_predicts():
+    rng = np.random.default_rng(0)
+    d = pd.DataFrame(rng.uniform(0, 1, size=(60, 3)))
+    d[2] = d[0] + d[1]
+    model = nnfit.fit(data=d, target=2, hidden=(4,), epochs=2, quiet=True)
+    assert model.input_names == ("0", "1") and model.target_names == ("2",)
+    assert np.array_equal(model.predict(d[[0, 1]]), model.predict(d[[0, 1]].to_numpy()))
+    with pytest.raises(NnfitError, match="missing column"):
+        model.predict(d[[0]])

@@ -336,6 +336,8 @@ def normalize(name: str, value: Any) -> Any:
     if kind == "strs":
         if isinstance(value, str):
             value = [v for v in value.split(",")]
+        elif not isinstance(value, (list, tuple)) and not hasattr(value, "__array__"):
+            value = [value]  # target=2: a DataFrame's integer column label, matched as "2"
         return tuple(str(v).strip() for v in value)
     if kind == "patterns":
         return tuple(v.strip() for item in ([value] if isinstance(value, str) else value) for v in str(item).split(","))
