@@ -59,7 +59,7 @@ def test_predict_accepts_numpy_dataframe_and_tensor(tutorial_run):
     assert a.shape == (3,)
     assert np.array_equal(a, model.predict(pd.DataFrame({"x": x})))
     assert np.array_equal(a, model.predict(torch.tensor(x).reshape(-1, 1)))
-    with pytest.raises(NnfitError, match="missing input column"):
+    with pytest.raises(NnfitError, match="missing column"):
         model.predict(pd.DataFrame({"z": x}))
     with pytest.raises(NnfitError, match=r"shape \(3, 2\)"):
         model.predict(np.zeros((3, 2)))

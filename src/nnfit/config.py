@@ -120,7 +120,8 @@ class Config:
         "stop training after this many seconds", kind="float"))
     grad_clip: float | None = field(default=None, metadata=_opt(
         "clip the gradient norm to this value", kind="float", level="advanced"))
-    seed: int | None = field(default=0, metadata=_opt("random seed (same seed on the CPU: identical weights)", kind="int",
+    seed: int | None = field(default=0, metadata=_opt(  # None from Python: a fresh seed, recorded
+        "random seed (same seed on the CPU: identical weights)", kind="int",
         commands={"evaluate": "seed of the fresh points"}))
     dtype: str = field(default="float32", metadata=_opt("floating-point type of the model and data", choices=DTYPES, level="advanced"))
 
