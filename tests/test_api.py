@@ -353,3 +353,18 @@ def test_a_dataframe_with_integer_column_labels_fits_and_predicts():
     assert np.array_equal(model.predict(d[[0, 1]]), model.predict(d[[0, 1]].to_numpy()))
     with pytest.raises(NnfitError, match="missing column"):
         model.predict(d[[0]])
+
+
+def test_a_module_that_cannot_be_copied_is_one_error_naming_the_way_out():
+    import threading
+
+    class HoldsALock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.lock = nn.Linear(1, 1), threading.Lock()
+
+        def forward(self, x):
+            return self.l1(x)
+
+    with pytest.raises(NnfitError, match=r"could not be copied .*model=HoldsALock or model=lambda"):
+        nnfit.fit(model=HoldsALock(), epochs=1, quiet=True)

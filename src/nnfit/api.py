@@ -410,7 +410,14 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
                          f"and a custom module ({type(user_model).__name__}) cannot be stacked; drop ensemble=, "
                          "or describe the network with --hidden and --activation")
     if isinstance(user_model, torch.nn.Module):  # a copy: a result the instance gave earlier keeps its weights
-        user_model = copy.deepcopy(user_model)
+        try:
+            user_model = copy.deepcopy(user_model)
+        except (TypeError, RuntimeError, copy.Error) as exc:
+            name = type(user_model).__name__
+            raise NnfitError(f"model={name}(...) is trained on a copy, so that the instance and earlier results "
+                             f"keep their weights, but it could not be copied ({str(exc).splitlines()[0]}); pass a "
+                             f"class or a function that builds a fresh one instead: model={name} or "
+                             f"model=lambda: {name}(...)") from None
     if user_model is not None:
         user_model = instantiate(user_model)
         check_module(user_model, problem.input_names, problem.target_names, None, None)
