@@ -228,8 +228,8 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     _check_settings(config)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=False)
     out = Path(config.out) if config.out else None
-    if out is not None and not config.overwrite:
-        _check_out(out)
+    if out is not None:
+        _check_out(out, config.overwrite)
 
     started = time.perf_counter()
     problem = build_problem(config, frame_)  # once: every configuration learns from the same samples
@@ -237,6 +237,7 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     # The configuration nnfit train would train with these options, if the grid lists it: it trains first, in
     # full, and the halving's survivor must beat it on validation loss. A sweep that lists the default is then
     # never worse than the default run (on validation), whatever the short first rungs get wrong.
+    _preflight(trials, config, problem, n_train)  # every configuration, before any trains
     default = None if exhaustive else _default_trial(trials, config, problem, n_train)
     contenders = [t for t in trials if t is not default]
     budgets = _budgets(len(contenders), exhaustive)
@@ -328,11 +329,66 @@ def _check_settings(config: Config) -> None:
                          "winner's settings with nnfit train --tensorboard to watch one run")
 
 
-def _check_out(out: Path) -> None:
-    """A sweep writes its winner at the end; refuse a used folder before spending the time."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise NnfitError(f"--out {out} already exists and is not an empty folder; a run folder is never "
-                         "overwritten silently: choose a new --out, or pass --overwrite to replace the run in it")
+def _check_out(out: Path, overwrite: bool) -> None:
+    """A sweep writes its winner at the end; refuse what train would refuse (a file, a used run folder) before
+    spending the time, by train's own check (runfolder.Claim), which removes a folder it made."""
+    import contextlib
+    import os
+
+    from nnfit import runfolder
+
+    existed = os.path.lexists(out)
+    with runfolder.Claim(out, overwrite=overwrite):
+        pass
+    if not existed:  # made by the check: the winner's commit makes it again at the end
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> None:
+    """What each run would check only when it starts (its network's memory, --init-from's architecture),
+    checked for every configuration before the first trains, so that a mistake costs no training time."""
+    from nnfit import devices, runfolder
+    from nnfit.model import training_memory
+
+    n_in, n_out = len(problem.input_names), len(problem.target_names)
+    problems = []
+    if config.init_from:
+        theirs = runfolder.read_model(config.init_from)[1]["architecture"]
+        fixed = (theirs.get("type"), theirs.get("inputs"), theirs.get("outputs")) == ("mlp", n_in, n_out)
+        wrong = [t for t in trials if not fixed or (list(t.config.hidden), t.config.activation) !=
+                 (list(theirs.get("hidden", [])), theirs.get("activation"))]
+        if wrong:
+            shape = (f"hidden {','.join(map(str, theirs['hidden']))}, activation {theirs['activation']}"
+                     if theirs.get("type") == "mlp" else theirs.get("class", "a custom module"))
+            keep = "" if not fixed else (f"; sweep only what keeps that network (such as --lr), or drop --init-from "
+                                         "to sweep networks from scratch")
+            problems.append(f"--init-from {config.init_from} is a network of {shape} "
+                            f"({theirs.get('inputs')} input(s), {theirs.get('outputs')} output(s)), and configuration(s) "
+                            f"{_names(wrong)} of the sweep build another network, which cannot start from its "
+                            f"weights{keep}")
+    free = devices.free_host_memory()
+    size = _element_size(config)
+    big = [t for t in trials
+           if training_memory(n_in, n_out, t.config.hidden, t.config.ensemble, size, moments=2, batch=1,
+                              rows=0).total() > free]
+    if big:
+        problems.append(f"configuration(s) {_names(big)} of the sweep need more memory than the "
+                        f"{free / 2 ** 30:.1f} GiB free now; drop those networks from --hidden (or --width/--depth), "
+                        "or give them smaller widths")
+    if problems:
+        raise NnfitError("nothing was trained: " + "; and ".join(problems))
+
+
+def _element_size(config: Config) -> int:
+    import torch
+
+    return torch.finfo(getattr(torch, config.dtype)).bits // 8
+
+
+def _names(trials: list[Trial]) -> str:
+    return ", ".join(f"#{t.index + 1} (hidden {','.join(map(str, t.config.hidden))}, {t.config.activation})"
+                     for t in trials)
 
 
 def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:
@@ -409,11 +465,10 @@ def _as_full_run(trial: Trial, problem, n_train: int) -> None:
 
 
 def _recipe(config: Config, problem, n_train: int):
-    from nnfit.model import MLP
     from nnfit.train import choose_recipe
 
-    n_params = sum(p.numel() for p in MLP(len(problem.input_names), len(problem.target_names),
-                                          config.hidden, config.activation).parameters())
+    widths = [len(problem.input_names), *config.hidden, len(problem.target_names)]
+    n_params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))  # counted, not built: it may not fit
     return choose_recipe(config, n_train, n_params)
 
 
