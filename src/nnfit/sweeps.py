@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnfit.config import ACTIVATIONS, Config
-from nnfit.errors import NnfitError, TrainingDiverged
+from nnfit.errors import NnfitError, TrainingDiverged, TrainingInterrupted
 
 ETA = 3  # successive halving keeps the best third of each rung and gives it three times the budget
 SWEPT = ("lr", "hidden", "width", "depth", "activation")
@@ -255,9 +257,11 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     rungs = []
     final = len(budgets) - 1
     failed = True
+    doing = ""  # what a stop signal interrupts, for its message
     try:
         if default is not None:  # an ordinary run: the sweep's time budget is the only limit it gets
             seconds = max(_left(config, started), 1e-3) if config.time_budget else None
+            doing = f"the full run of #{default.index + 1} (the default configuration)"
             _train_trial(default, final, 1.0, seconds, problem, n_train, ctx, reporter, label="the default")
         work = [keep * fraction for keep, fraction in budgets]  # in full runs' epochs
         alive = contenders
@@ -272,6 +276,8 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                     break
                 seconds = max(left * work[rung] / sum(work[rung:]) / keep, 1e-3)
             for group in _groups(alive, problem, n_train):
+                doing = (f"rung {rung + 1} of {len(budgets)}, training configuration(s) "
+                         f"{', '.join(f'#{t.index + 1}' for t in group)}")
                 if len(group) > 1:
                     _train_stacked(group, rung, fraction, seconds, problem, n_train, ctx, reporter)
                 else:
@@ -280,6 +286,8 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                           "budget": f"1/{round(1 / fraction)}" if fraction < 1 else "full"})
             alive = sorted(alive, key=lambda t: t.val_loss)  # validation only: the test points never choose
         failed = False
+    except TrainingInterrupted as exc:
+        raise _interrupted(exc, doing, out) from None
     finally:
         devices.cleanup_context(ctx, failed)
     # The finalists: the best of the last rung the halving trained, and the default's full run.
@@ -304,12 +312,12 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                              "table": SWEEP_CSV, "rows": result.rows}
     if out is not None:
         from nnfit import runfolder
-        from nnfit.checkpoint import atomic_write_bytes
 
         best.config = best.config.replace(out=str(out))
         with runfolder.Claim(out, overwrite=config.overwrite):
-            best._write(out, plots=config.plots, problem=problem)  # the ordinary run-folder writers
-            atomic_write_bytes(out / SWEEP_CSV, result.frame().to_csv(index=False).encode())
+            # the ordinary run-folder writers; sweep.csv in the same commit as the model, before the plots
+            best._write(out, plots=config.plots, problem=problem,
+                        files={SWEEP_CSV: result.frame().to_csv(index=False).encode()})
         result.path = out
     return result
 
@@ -433,11 +441,43 @@ def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None
     trial.rung, trial.fitted = rung, fitted
     if fitted is not None:
         fitted.config = fitted.config.replace(quiet=config.quiet, plots=config.plots)
+        _as_swept(fitted, config)
     lr = "auto" if config.lr is None else f"{config.lr:g}"
     outcome = f"validation loss {trial.val_loss:.3e}" if fitted is not None else "diverged"
     reporter.log(f"  {label or f'rung {rung + 1}'}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
                  f"{config.activation}, {epochs or full.epochs} epochs: {outcome} "
                  f"({time.perf_counter() - started:.1f} s)")
+
+
+def _as_swept(fitted, config: Config) -> None:
+    """A configuration's run as the user's settings retrain it: the sweep's time budget (not the share of it the
+    run had, an internal detail the stop reason names), and the epochs it trained when that share stopped it,
+    so that its config.json, recipe, summary and the sweep's table give one epoch count."""
+    trained = len(fitted.history)
+    stopped = fitted.summary.get("stopped") or ""
+    share = re.match(r"time budget of (\S+) s reached", stopped)
+    if share and config.time_budget:
+        fitted.summary["stopped"] = (f"its share ({float(share.group(1)):.2g} s) of the sweep's time budget of "
+                                     f"{config.time_budget:g} s reached" + stopped[share.end():])
+        planned = fitted.config.epochs
+        if trained < planned:
+            fitted.summary["recipe"] = re.sub(rf"\b{planned} epochs", f"{trained} of {planned} epochs",
+                                              fitted.summary.get("recipe", ""), count=1)
+            fitted.config = fitted.config.replace(epochs=trained)
+    fitted.config = fitted.config.replace(time_budget=config.time_budget)
+
+
+def _interrupted(exc: TrainingInterrupted, doing: str, out: Path | None) -> TrainingInterrupted:
+    """A stop signal during a sweep: its configurations train without run folders, so say what was
+    interrupted and that there is nothing to resume, instead of a single run's message."""
+    name = signal.Signals(exc.exit_code - 128).name if exc.exit_code > 128 else "interrupted"
+    again = " again" if getattr(exc, "at_once", False) else ""
+    written = f"nothing was written to --out {out}" if out is not None else "no run folder was asked for (--out)"
+    return TrainingInterrupted(f"{name}{again}: the sweep stopped in {doing or 'its preparation'}; {written}, and a "
+                               "sweep cannot be resumed (nnfit resume takes a run folder): run the same command "
+                               "again (its samples are drawn with the same seed), or fewer configurations or "
+                               "--time-budget SECONDS to finish sooner", exc.exit_code,
+                               at_once=getattr(exc, "at_once", False))
 
 
 def _left(config: Config, started: float) -> float | None:
@@ -527,6 +567,7 @@ def _train_stacked(group: list[Trial], rung: int, fraction: float, seconds: floa
         summary["stacked"] = (f"trained as member {k + 1} of {len(group)} of one stacked computation (one learning "
                               "rate each); its metrics.csv holds the members' mean losses per epoch")
         single.summary = summary
+        _as_swept(single, t.config)
         t.fitted, t.val_loss, t.rung, t.diverged = single, losses[k], rung, ""
         t.seconds += each
         reporter.log(f"  rung {rung + 1}, #{t.index + 1}: lr {lrs[k]:g}, hidden {','.join(map(str, t.config.hidden))}, "
