@@ -233,6 +233,12 @@ def test_a_network_that_cannot_fit_in_memory_is_refused_before_training(monkeypa
     assert code == 2 and calls == [] and len(err.strip().splitlines()) == 1
     assert "#2 (hidden 4000,4000, tanh)" in err and "#1 (" not in err and "#3 (" not in err
     assert "drop those networks from --hidden" in err
+    # one shape at three learning rates trains as one stacked model: three networks' memory at once
+    monkeypatch.setattr(devices, "free_host_memory", lambda: 100 * 2 ** 20)  # one fits, three do not
+    code = main([*CLI, "--hidden", "1000,1000", "--lr", "1e-3,2e-3,3e-3", "--optimizer", "adam"])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and "train together, stacked (one network, 3 learning rates)" in err
+    assert "list fewer learning rates" in err
 
 
 def test_out_is_checked_as_train_checks_it(tmp_path, capsys):

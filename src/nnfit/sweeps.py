@@ -377,13 +377,21 @@ def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> No
                             f"weights{keep}")
     free = devices.free_host_memory()
     size = _element_size(config)
-    big = [t for t in trials
-           if training_memory(n_in, n_out, t.config.hidden, t.config.ensemble, size, moments=2, batch=1,
-                              rows=0).total() > free]
+    need = {t.index: training_memory(n_in, n_out, t.config.hidden, t.config.ensemble, size, moments=2, batch=1,
+                                     rows=0).total() for t in trials}
+    big = [t for t in trials if need[t.index] > free]
     if big:
-        problems.append(f"configuration(s) {_names(big)} of the sweep need more memory than the "
-                        f"{free / 2 ** 30:.1f} GiB free now; drop those networks from --hidden (or --width/--depth), "
+        problems.append(f"configuration(s) {_names(big)} of the sweep need up to about "
+                        f"{devices._format_bytes(max(need[t.index] for t in big))} of memory to train, more than the "
+                        f"{devices._format_bytes(free)} free now; drop those networks from --hidden (or --width/--depth), "
                         "or give them smaller widths")
+    for group in _groups([t for t in trials if t not in big], problem, n_train):
+        c = group[0].config
+        if len(group) > 1 and training_memory(n_in, n_out, c.hidden, len(group) * c.ensemble, size, moments=2,
+                                              batch=1, rows=0).total() > free:
+            problems.append(f"configuration(s) {_names(group)} train together, stacked (one network, {len(group)} "
+                            f"learning rates), and need more memory than the {devices._format_bytes(free)} free now; "
+                            "list fewer learning rates in --lr, or give the network smaller widths")
     if problems:
         raise NnfitError("nothing was trained: " + "; and ".join(problems))
 
