@@ -369,8 +369,9 @@ def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> No
         if wrong:
             shape = (f"hidden {','.join(map(str, theirs['hidden']))}, activation {theirs['activation']}"
                      if theirs.get("type") == "mlp" else theirs.get("class", "a custom module"))
-            keep = "" if not fixed else (f"; sweep only what keeps that network (such as --lr), or drop --init-from "
-                                         "to sweep networks from scratch")
+            keep = ("; sweep only what keeps that network (such as --lr), or drop --init-from to sweep networks "
+                    "from scratch") if fixed else ("; start from a run with this data's inputs and targets, or drop "
+                                                   "--init-from")
             problems.append(f"--init-from {config.init_from} is a network of {shape} "
                             f"({theirs.get('inputs')} input(s), {theirs.get('outputs')} output(s)), and configuration(s) "
                             f"{_names(wrong)} of the sweep build another network, which cannot start from its "
@@ -516,7 +517,7 @@ def _recipe(config: Config, problem, n_train: int):
     from nnfit.train import choose_recipe
 
     widths = [len(problem.input_names), *config.hidden, len(problem.target_names)]
-    n_params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))  # counted, not built: it may not fit
+    n_params = sum((a + 1) * b for a, b in itertools.pairwise(widths))  # counted, not built: it may not fit
     return choose_recipe(config, n_train, n_params)
 
 
