@@ -206,3 +206,27 @@ def test_an_edited_training_state_is_one_error_line(stopped_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nnfit: error: ") and ("edited or damaged" in err[0]
                                                                        or "was edited" in err[0]), err
+
+
+def test_unpacking_the_optimizer_state_copies_only_its_own_tensors():
+    """A rollback copies the optimizer's tensors (it updates them in place), not the model's, best and start
+    weights that the same state holds: copying those too would double the state's GPU memory for a moment."""
+    from types import SimpleNamespace
+    import torch
+    from nnfit import trainstate
+
+    class NotToCopy:
+        def clone(self):
+            pytest.fail("a model tensor was copied to unpack the optimizer state")
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    optimizer.step()
+    tensors = {}
+    info = {"optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors)}
+    state = SimpleNamespace(tensors={**tensors, "model/weight": NotToCopy(), "best/weight": NotToCopy()}, info=info)
+    unpacked = trainstate.unpacked(state, "optimizer")
+    saved = unpacked["state"][0]["exp_avg"]
+    assert torch.equal(saved, optimizer.state[model.weight]["exp_avg"])
+    assert saved.data_ptr() != tensors["optimizer/state/0/exp_avg"].data_ptr()  # a copy, not the state's own

@@ -155,9 +155,12 @@ def part(state: State, prefix: str, like: dict | None = None) -> dict:
 
 
 def unpacked(state: State, key: str):
-    """The optimizer's or scaler's state_dict, with copies of its tensors."""
+    """The optimizer's or scaler's state_dict, with copies of its tensors: of those under ``key/`` only
+    (copying the model's, the best and the start weights too would double the state's memory at a rollback)."""
     value = state.info.get(key)
-    return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
+    start = key + "/"
+    return None if value is None else checkpoint.unpack(
+        value, {k: v.clone() for k, v in state.tensors.items() if k.startswith(start)})
 
 
 def restore_rng(state: State, generator: torch.Generator) -> None:
