@@ -565,9 +565,15 @@ class Run:
                 closure.capture(lambda: self.optimizer.zero_grad(set_to_none=True))
             except RuntimeError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
-                if graphed._out_of_memory(exc) is None:  # out of memory: the eager closure halves the batch
-                    self._no_closure_graph = True
-                    plan.note(f"L-BFGS closure: eager, not a CUDA graph ({str(exc).splitlines()[0][:200]})")
+                # Not retried at every epoch: after an out-of-memory error too, the rest of the run uses the
+                # eager closure (which halves its batch if it runs out of memory as well).
+                self._no_closure_graph = True
+                oom = graphed._out_of_memory(exc) is not None
+                plan.note(f"L-BFGS closure: eager, not a CUDA graph, for the rest of the run "
+                          f"({'out of memory capturing it: ' if oom else ''}{str(exc).splitlines()[0][:200]})")
+                if oom:
+                    del closure
+                    devices.free_memory(plan.device)  # what the failed capture held
                 return None
             self._closure = closure
         return self._closure
