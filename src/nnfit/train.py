@@ -624,7 +624,7 @@ class Run:
         self.schedule.factor = state.info.get("lr_factor", 1.0)
         plan.micro, plan.eval_chunk = state.info["micro"], state.info["eval_chunk"]
         plan.guard.retries[:] = state.info["oom_retries"]
-        trainstate.restore_rng(state, self.generator)
+        trainstate.restore_rng(state, self.generator, plan.device, plan.note)
         result.history = [dict(row) for row in state.info["history"]]
         result.best_epoch, result.best_val_loss = state.info["best_epoch"], state.info["best_val_loss"]
         result.member_best_epochs, result.member_best_val_losses = map(list, state.info.get("member_best", ([], [])))
