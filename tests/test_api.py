@@ -311,7 +311,8 @@ def test_a_module_instance_is_copied_so_earlier_results_keep_their_weights():
 
 def test_seed_none_draws_a_fresh_seed_and_records_it(tmp_path):
     kw = dict(formula="x**2", domain={"x": (0, 1)}, hidden=(4,), epochs=2, quiet=True)
-    a = nnfit.fit(**kw, seed=None, out=str(tmp_path / "run"))
+    a = nnfit.fit(**kw, seed=None, out=tmp_path / "run")  # a pathlib.Path, as str
+    assert a.config.out == str(tmp_path / "run")
     assert isinstance(a.config.seed, int) and a.summary["seed"] == a.config.seed
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == a.config.seed
     again = nnfit.fit(**kw, seed=a.config.seed)  # the recorded seed reproduces the run

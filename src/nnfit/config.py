@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,6 +329,8 @@ def normalize(name: str, value: Any) -> Any:
     kind = FIELDS[name].metadata["kind"] if name in FIELDS else "str"
     if value is None:
         return None
+    if isinstance(value, os.PathLike):  # out=Path("runs/a"), data=Path("table.csv"): kept as the string
+        return os.fspath(value)
     if name == "precision" and isinstance(value, int):  # precision=32 from Python
         return str(value)
     if kind in ("int", "float", "bool"):
