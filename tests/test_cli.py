@@ -170,7 +170,7 @@ def test_predict_never_writes_over_its_data_or_an_existing_file(tutorial_run, ca
     fifo = tmp_path / "fifo.csv"
     os.mkfifo(fifo)
     code, _, err = run(capsys, "predict", str(run_folder), "--data", str(table), "--out", str(fifo), "--overwrite")
-    assert code == 2 and "a FIFO (named pipe), not a regular file" in err
+    assert code == 2 and "is a FIFO (named pipe), not a regular file; nnfit writes only regular files" in err
     assert fifo.is_fifo()
 
 

@@ -338,13 +338,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _check_out(out, overwrite: bool, data=None) -> None:
+def _check_out(out, overwrite: bool, data=None, export: bool = False) -> None:
     """predict --out, export --out: never the input table, never an existing file without --overwrite."""
     if out is None:
         return
     from nnfit.runfolder import check_new_file
 
-    check_new_file(out, overwrite, data=data)
+    check_new_file(out, overwrite, data=data, export=export)
 
 
 def _parse_inputs(items, names):
@@ -420,7 +420,7 @@ def cmd_inspect(args) -> int:
 def cmd_export(args) -> int:
     import nnfit
 
-    _check_out(args.out, args.overwrite)
+    _check_out(args.out, args.overwrite, export=True)
     model = nnfit.load(args.run)
     path = model.export(args.format, args.out)
     print(f"wrote {path}: input x of shape (batch, {len(model.input_names)}), columns "

@@ -1058,22 +1058,28 @@ def check_output(path, allowed=()) -> None:
                          "run: choose a file outside the run's own files")
 
 
-def check_new_file(path, overwrite: bool, data=None) -> None:
-    """An output file (predict --out, export --out): never the input table ``data``, never anything but a
-    regular file, and an existing file only with ``overwrite``."""
+def check_new_file(path, overwrite: bool, data=None, export: bool = False) -> None:
+    """An output file (predict --out, export --out): never the input table ``data``, never one of a run
+    folder's own files (an export's own file excepted, as without --out), never anything but a regular
+    file, and an existing file only with ``overwrite``."""
     path = Path(path)
     if data is not None and os.path.exists(path) and os.path.exists(data) and os.path.samefile(path, data):
         raise NnfitError(f"--out {path} is the --data file {data}; writing it would replace your inputs: choose "
                          f"another --out, e.g. {path.with_name(path.stem + '-pred' + path.suffix)}")
+    allowed = EXPORT_FILES if export else ()
+    check_output(path, allowed)
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     except OSError as exc:
         raise NnfitError(f"could not check --out {path}: {exc.strerror or exc}; choose another --out") from None
     if not stat.S_ISREG(mode):
-        raise NnfitError(f"--out {path} is {_kind(mode)}, not a regular file; nnfit writes only regular files: "
-                         "choose a file name for --out")
+        raise NnfitError(f"{path} is {_kind(mode)}, not a regular file; nnfit writes only regular files (it "
+                         "would replace it): choose a file path")
+    parent = path.resolve().parent
+    if path.name in allowed and any(os.path.lexists(parent / n) for n in (META, STATE)):
+        return  # a run's own export, written again as nnfit export RUN does without --out
     if not overwrite:
         raise NnfitError(f"--out {path} already exists; nnfit never overwrites a file silently: pass --overwrite "
                          "to replace it, or choose another --out")
