@@ -138,8 +138,10 @@ def nnfit_rate(X, Y, bs, hidden, seconds, dev, precision="32", log=None, ensembl
     return len(X) * epochs / fitted.summary["train_seconds"]
 
 
-def lightning_rate(X, Y, bs, widths, batches, dev):
-    """Lightning with its usual TensorDataset + DataLoader, for ``batches`` steps after a warm-up epoch."""
+def lightning_rate(X, Y, bs, widths, batches, dev, warm=10):
+    """Lightning with its usual TensorDataset + DataLoader: its steady state, ``batches`` steps timed after
+    ``warm`` untimed ones in the same fit (a callback starts the clock at the first timed batch and stops it
+    after the last, the GPU synchronized at both), so the Trainer's set-up and teardown are not counted."""
     import warnings
 
     import lightning as L
@@ -160,16 +162,27 @@ def lightning_rate(X, Y, bs, widths, batches, dev):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
+    class Clock(L.Callback):
+        start = stop = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warm:
+                _sync(dev)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == warm + batches - 1:
+                _sync(dev)
+                self.stop = time.perf_counter()
+
     loader = DataLoader(TensorDataset(X.cpu(), Y.cpu()), batch_size=bs, shuffle=True)
-    kw = dict(accelerator="gpu" if dev.type == "cuda" else "cpu", devices=1, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    module = M()
-    L.Trainer(max_epochs=1, limit_train_batches=5, **kw).fit(module, loader)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=batches, **kw)
-    start = time.perf_counter()
-    trainer.fit(module, loader)
-    _sync(dev)
-    return batches * bs / (time.perf_counter() - start)
+    if len(loader) < warm + batches:
+        raise ValueError(f"{len(loader)} batches per epoch, fewer than {warm} + {batches}")
+    clock = Clock()
+    L.Trainer(max_epochs=1, limit_train_batches=warm + batches, accelerator="gpu" if dev.type == "cuda" else "cpu",
+              devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[clock]).fit(M(), loader)
+    return batches * bs / (clock.stop - clock.start)
 
 
 def tutorial_time(device, target=1e-7):
@@ -229,6 +242,11 @@ def _attempt(fn, notes, what):
         return None
 
 
+def progress(line: str) -> None:
+    """A progress line, on stderr: stdout holds only the markdown (gpu_check.sh keeps it as gpu_bench.md)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _m(rate):
     return f"{rate / 1e6:.2f}M" if rate else "-"
 
@@ -261,6 +279,7 @@ def main():
     X, Y = ((x - x.mean()) / x.std()).to(dev), ((y - y.mean()) / y.std()).to(dev)
     W = [1, 100, 100, 1]
     rows, notes = [], []
+    light_warm, light_batches = (1, 1) if quick else (10, 40)
     graph = dev.type == "cuda"
     for bs in batches:
         bare = bare_loop(X, Y, bs, W, seconds, dev)
@@ -270,13 +289,15 @@ def main():
         notes += [f"batch {bs}: {line}" for line in log[:2]]
         light = None
         if bs == 8192:
-            light = _attempt(lambda: lightning_rate(X, Y, bs, W, 10 if quick else 40, dev), notes, "Lightning")
+            light = _attempt(lambda: lightning_rate(X, Y, bs, W, light_batches, dev, light_warm), notes, "Lightning")
         rows.append([bs, f"{bare / 1e6:.2f}M", f"{ref / 1e6:.2f}M" if ref else "-", _m(ours),
                      f"{ours / ref:.2f}x" if ref and ours else "-", f"{ours / bare:.2f}x" if ours else "-", _m(light)])
-        print(f"  batch {bs}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours or 0:,.0f}/s", flush=True)
+        progress(f"  batch {bs}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours or 0:,.0f}/s")
     print(table(["batch", "bare slicing loop", "graphed reference", "nnfit", "nnfit / graphed", "nnfit / bare",
                  "Lightning (DataLoader)"], rows,
-                f"Tutorial network 1-100-100-1 tanh, Adam, {n:,} samples on {name}: samples per second"))
+                f"Tutorial network 1-100-100-1 tanh, Adam, {n:,} samples on {name}: samples per second "
+                f"(Lightning: its steady state, {light_batches} batches timed after {light_warm} warm-up ones in "
+                "one fit, the Trainer's set-up and teardown not counted)"), flush=True)
 
     # The larger network: 4 -> 512 x 3 -> 1 at batch 4096.
     n4 = 1 << (12 if quick else 18)
@@ -295,11 +316,11 @@ def main():
         notes += [f"4-512x3-1 {precision}: {line}" for line in log[:2]]
         big.append([precision, f"{bare / 1e6:.2f}M", f"{ref / 1e6:.2f}M" if ref else "-", _m(ours),
                     f"{ours / ref:.2f}x" if ref and ours else "-"])
-        print(f"  4-512x3-1 {precision}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, nnfit {ours or 0:,.0f}/s",
-              flush=True)
+        progress(f"  4-512x3-1 {precision}: bare {bare:,.0f}/s, graphed {ref or 0:,.0f}/s, "
+                 f"nnfit {ours or 0:,.0f}/s")
     print(table(["precision", "bare slicing loop", "graphed reference", "nnfit", "nnfit / graphed"], big,
                 f"4 -> {'x'.join(str(w) for w in W4[1:-1])} -> 1 tanh, Adam, batch {bs4}, {n4:,} samples on {name}: "
-                "samples per second"))
+                "samples per second"), flush=True)
 
     # An ensemble of 8 tutorial networks (--ensemble 8: one stacked, captured step) against one member.
     ens, rates = [], {}
@@ -314,9 +335,10 @@ def main():
         ratio = f"{rates[1] / rates[members]:.2f}x" if rates[1] and rates[members] else "-"
         ens.append([members, _m(rates[members]), ratio, "<= 1.3x" if members == 8 and dev.type == "cuda" else "",
                     step])
-        print(f"  ensemble {members}: nnfit {rates[members] or 0:,.0f} samples/s per member", flush=True)
+        progress(f"  ensemble {members}: nnfit {rates[members] or 0:,.0f} samples/s per member")
     print(table(["members", "nnfit samples/s (per member)", "time / one member's", "target", "step"], ens,
-                f"Ensemble: K stacked 1-100-100-1 tanh members, Adam, batch {bs_e}, {n:,} samples on {name}"))
+                f"Ensemble: K stacked 1-100-100-1 tanh members, Adam, batch {bs_e}, {n:,} samples on {name}"),
+          flush=True)
 
     # The tutorial exercise, end to end, on this device and on the CPU.
     tut = []
@@ -327,7 +349,7 @@ def main():
         tut.append([r["device"], r["recipe"], fmt_s(r["reached"]), fmt_s(r["train"]), fmt_s(r["wall"]),
                     f"{r['test_mse']:.2e}"])
     print(table(["device", "recipe", "time to test MSE <= 1e-7", "training", "fit() wall time", "final test MSE"],
-                tut, "The tutorial exercise (nnfit demo's problem: 1000 samples of x**2 + x on [0, 1])"))
+                tut, "The tutorial exercise (nnfit demo's problem: 1000 samples of x**2 + x on [0, 1])"), flush=True)
     print("\nNotes (the runs' own lines about the captured step, and any failures):")
     for line in notes:
         print(f"- {line}")

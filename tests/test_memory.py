@@ -192,3 +192,19 @@ def test_cuda_real_oom_recovery_and_streaming_under_a_memory_cap():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+def test_the_peak_over_the_ranks_is_exact_to_the_byte(monkeypatch):
+    """Under DDP the peak is all-reduced as integers: float32 would round 16 GiB + 1 KiB to 16 GiB."""
+    import resource
+    import sys
+    from types import SimpleNamespace
+    from nnfit import devices
+    kib = 2 ** 24 + 1  # not a float32 in bytes (25 significant bits)
+    maxrss = kib * (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes, Linux KiB
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    reduced = []
+    monkeypatch.setattr(devices, "all_reduce", lambda t, ctx, op="sum": reduced.append(t.dtype) or t)
+    peak = devices.peak_memory(devices.Context(torch.device("cpu"), world_size=2, backend="gloo"))
+    assert reduced == [torch.int64]
+    assert peak["bytes"] == kib * 1024 and "largest over the ranks" in peak["measure"]

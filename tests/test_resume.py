@@ -206,3 +206,63 @@ def test_an_edited_training_state_is_one_error_line(stopped_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nnfit: error: ") and ("edited or damaged" in err[0]
                                                                        or "was edited" in err[0]), err
+
+
+def test_unpacking_the_optimizer_state_copies_only_its_own_tensors():
+    """A rollback copies the optimizer's tensors (it updates them in place), not the model's, best and start
+    weights that the same state holds: copying those too would double the state's GPU memory for a moment."""
+    from types import SimpleNamespace
+    import torch
+    from nnfit import trainstate
+
+    class NotToCopy:
+        def clone(self):
+            pytest.fail("a model tensor was copied to unpack the optimizer state")
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    optimizer.step()
+    tensors = {}
+    info = {"optimizer": checkpoint.pack(optimizer.state_dict(), "optimizer", tensors)}
+    state = SimpleNamespace(tensors={**tensors, "model/weight": NotToCopy(), "best/weight": NotToCopy()}, info=info)
+    unpacked = trainstate.unpacked(state, "optimizer")
+    saved = unpacked["state"][0]["exp_avg"]
+    assert torch.equal(saved, optimizer.state[model.weight]["exp_avg"])
+    assert saved.data_ptr() != tensors["optimizer/state/0/exp_avg"].data_ptr()  # a copy, not the state's own
+
+
+def test_only_the_runs_own_cuda_generator_is_saved_and_restored(monkeypatch):
+    """A state holds the run's GPU's generator (not every GPU's as rank 0 sees them); a resume restores it
+    into the run's GPU, and says so when a saved state cannot be restored (an older state with the generators
+    of GPUs 0 and 2, resumed on cuda:1)."""
+    import torch
+
+    from nnfit import trainstate
+    from nnfit.train import TrainResult
+
+    gpu = torch.device("cuda", 1)
+
+    class Plan:
+        scaler = micro = eval_chunk = None
+        device = gpu
+        guard = type("Guard", (), {"retries": []})()
+
+    saved_states = {1: torch.arange(8, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda index: saved_states[index].clone())
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, index: restored.append((s.tolist(), index)))
+    model = torch.nn.Linear(2, 1)
+    generator = torch.Generator().manual_seed(1)
+    state = trainstate.capture(model, torch.optim.Adam(model.parameters()), None, Plan, generator,
+                               TrainResult(None), {}, {}, {"epoch": 0, "finished": True, "step": 0, "rows": 0,
+                                                           "steps": 0})
+    assert [k for k in state.tensors if k.startswith("rng/cuda/")] == ["rng/cuda/1"]
+    notes = []
+    trainstate.restore_rng(state, generator, torch.device("cuda", 0), notes.append)  # resumed on another GPU
+    assert restored == [(list(range(8)), 0)] and notes == []
+    older = {**{k: v for k, v in state.tensors.items() if not k.startswith("rng/cuda/")},
+             "rng/cuda/0": torch.zeros(8, dtype=torch.uint8), "rng/cuda/2": torch.ones(8, dtype=torch.uint8)}
+    trainstate.restore_rng(trainstate.State(older, state.info, state.history_of), generator, gpu, notes.append)
+    assert len(restored) == 1 and len(notes) == 1 and "does not fit cuda:1" in notes[0]

@@ -133,7 +133,7 @@ def test_a_used_folder_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "notes.txt").write_text("mine")
     code = main(["sweep", "--lr", "0.5,1", "--samples", "50", "--out", str(tmp_path / "r")])
-    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert code == 2 and "already holds 1 other file(s) (notes.txt)" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
 
 
@@ -193,3 +193,116 @@ def test_a_budget_the_default_run_spends_leaves_the_rest_untrained():
     other = next(r for r in result.rows if not r["selected"])
     assert other["note"] == "not trained: the time budget was spent" and other["epochs"] == 0
     assert "time budget" in result.best.summary["stopped"]
+
+
+# Checked before anything trains, reported as a sweep's problem.
+
+CLI = ["sweep", "--formula", "x**2+x", "--domain", "x=0:1", "--samples", "60", "--epochs", "2", "--no-plots"]
+
+
+def _count_fits(monkeypatch) -> list:
+    from nnfit import api
+
+    calls, original = [], api._fit
+    monkeypatch.setattr(api, "_fit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_init_from_of_another_network_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r8"
+    nnfit.fit(**{**SMALL, "epochs": 1}, hidden=(8,), out=str(run), quiet=True, plots=False)
+    calls = _count_fits(monkeypatch)
+    code = main([*CLI, "--hidden", "8:16", "--init-from", str(run), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "nothing was trained" in err and "#2 (hidden 16, tanh)" in err and "#1 (" not in err
+    assert "sweep only what keeps that network" in err and "Pass --hidden" not in err
+    assert not (tmp_path / "s").exists()
+    # the same network with learning rates swept starts from it
+    result = nnfit.sweep(**SMALL, hidden="8", lr=[1e-3, 3e-3], init_from=str(run), quiet=True)
+    assert result.best.summary["init_from"]["run"] == str(run)
+
+
+def test_a_network_that_cannot_fit_in_memory_is_refused_before_training(monkeypatch, capsys):
+    from nnfit import devices
+
+    monkeypatch.setattr(devices, "free_host_memory", lambda: 50 * 2 ** 20)
+    calls = _count_fits(monkeypatch)
+    code = main([*CLI, "--hidden", "8:4000,4000:10"])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and len(err.strip().splitlines()) == 1
+    assert "#2 (hidden 4000,4000, tanh)" in err and "#1 (" not in err and "#3 (" not in err
+    assert "drop those networks from --hidden" in err
+    # one shape at three learning rates trains as one stacked model: three networks' memory at once
+    monkeypatch.setattr(devices, "free_host_memory", lambda: 100 * 2 ** 20)  # one fits, three do not
+    code = main([*CLI, "--hidden", "1000,1000", "--lr", "1e-3,2e-3,3e-3", "--optimizer", "adam"])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and "train together, stacked (one network, 3 learning rates)" in err
+    assert "list fewer learning rates" in err
+
+
+def test_out_is_checked_as_train_checks_it(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for extra in ([], ["--overwrite"]):  # the same answer with and without --overwrite
+        assert main([*CLI, "--hidden", "8:16", "--out", str(afile), *extra]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+    run = tmp_path / "run"
+    nnfit.fit(**{**SMALL, "epochs": 1}, hidden=(8,), out=str(run), quiet=True, plots=False)
+    assert main([*CLI, "--hidden", "8:16", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (config.json, metrics.csv, model.json, model.safetensors, summary.json)" in err
+    assert "--overwrite" in err
+    assert afile.read_text() == "mine"
+
+
+def test_a_stop_signal_says_which_configuration_and_that_nothing_was_written(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from nnfit import api
+    from nnfit.errors import TrainingInterrupted
+
+    original, calls = api._fit, []
+
+    def fit_then_stop(*a, **k):  # the second training (rung 1's second configuration) gets SIGINT
+        calls.append(1)
+        if len(calls) == 2:
+            raise TrainingInterrupted("SIGINT: training stopped at epoch 1 step 3; there is no run folder "
+                                      "(out=...), so nothing was saved", 128 + signal.SIGINT)
+        return original(*a, **k)
+
+    monkeypatch.setattr(api, "_fit", fit_then_stop)
+    out = tmp_path / "swr"
+    code = main([*CLI, "--hidden", "8:16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and not out.exists()
+    assert "SIGINT: the sweep stopped in rung 1 of 2, training configuration(s) #2" in err
+    assert f"nothing was written to --out {out}" in err and "cannot be resumed" in err
+    assert "there is no run folder" not in err
+
+
+def test_a_time_budget_stop_reports_one_epoch_count_and_the_users_budget(tmp_path):
+    out = tmp_path / "swt"
+    result = nnfit.sweep(**{**SMALL, "epochs": 30}, hidden="8:16", time_budget=0.001, out=str(out), quiet=True,
+                         plots=False)
+    config = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    row = next(r for r in result.rows if r["selected"])
+    assert config["time_budget"] == 0.001  # what the user gave, not the run's share of it
+    assert config["epochs"] == summary["epochs"] == row["epochs"] == len(result.best.history)
+    assert re.match(r"its share \(\S+ s\) of the sweep's time budget of 0.001 s reached", summary["stopped"])
+    assert f"{summary['epochs']} of 10 epochs" in summary["recipe"]
+
+
+def test_sweep_csv_is_committed_with_the_model_before_the_plots(tmp_path, monkeypatch):
+    from nnfit import report
+
+    def broken(*a, **k):
+        raise KeyboardInterrupt  # as a Ctrl-C while the plots are written
+
+    monkeypatch.setattr(report, "write_plots", broken)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        nnfit.sweep(**SMALL, hidden="8:16", out=str(out), quiet=True, plots=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(pd.read_csv(out / "sweep.csv")) == len(summary["sweep"]["rows"]) == 2

@@ -41,3 +41,59 @@ def test_cosine_matches_torchs_closed_form_and_apply_writes_each_group():
     tensor_lr = optimizer.param_groups[1]["lr"]
     assert isinstance(tensor_lr, torch.Tensor)  # a captured graph's rate is filled in place
     assert tensor_lr.item() == pytest.approx(ours.lr_at(50, 1.0))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_optimizer_is_fused_so_mixed_precision_reads_nothing_back(name, monkeypatch):
+    """A fused optimizer takes GradScaler's found-inf flag as a tensor; a foreach one makes GradScaler read
+    it back to the host (``_maybe_opt_step``'s ``.item()``) at every step of --precision 16-mixed."""
+    from types import SimpleNamespace
+    from nnfit.train import make_optimizer
+    config = SimpleNamespace(momentum=0.9, weight_decay=1e-4)
+    model = torch.nn.Linear(3, 1)
+    optimizer = make_optimizer(model.parameters(), Recipe(name, 1e-2, 8, 1, "none", None), config)
+    assert optimizer.defaults["fused"] and optimizer._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    monkeypatch.setattr(scaler, "_maybe_opt_step", lambda *a, **k: pytest.fail("found-inf read back to the host"))
+    before = model.weight.detach().clone()
+    scaler.scale(model(torch.randn(8, 3)).pow(2).mean()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert not torch.equal(model.weight, before)
+
+
+def test_a_device_without_fused_kernels_gets_the_foreach_optimizer(monkeypatch):
+    from types import SimpleNamespace
+    from nnfit import train
+    monkeypatch.setattr(train, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    config = SimpleNamespace(momentum=0.9, weight_decay=0.0)
+    for name in ("sgd", "adam"):
+        optimizer = train.make_optimizer(torch.nn.Linear(3, 1).parameters(), Recipe(name, 1e-2, 8, 1, "none", None),
+                                         config)
+        assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
+
+
+def test_an_out_of_memory_capture_of_the_lbfgs_closure_is_not_retried_every_epoch(monkeypatch):
+    """After the closure's capture runs out of memory the run keeps the eager closure, and says so once."""
+    from types import SimpleNamespace
+    from nnfit import graphed, train
+    captures, notes = [], []
+
+    class OutOfMemory:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def capture(self, zero_grad):
+            captures.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(graphed, "GraphedClosure", OutOfMemory)
+    model = torch.nn.Linear(2, 1)
+    run = object.__new__(train.Run)
+    run.plan = SimpleNamespace(device=torch.device("cuda"), plain=True, note=notes.append)
+    run.config = SimpleNamespace(cuda_graph="auto", grad_clip=None)
+    run.net, run._closure, run._no_closure_graph = model, None, False
+    run.optimizer = torch.optim.LBFGS(model.parameters())
+    X, Y = torch.randn(4, 2), torch.randn(4, 1)
+    assert [run._lbfgs_graph(X, Y) for _ in range(3)] == [None] * 3
+    assert len(captures) == 1 and len(notes) == 1 and "out of memory" in notes[0]

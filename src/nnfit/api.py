@@ -219,8 +219,9 @@ class FittedModel:
         with runfolder.Claim(out, overwrite=overwrite):
             return self._write(out, plots, problem)
 
-    def _write(self, out, plots: bool = True, problem: Problem | None = None) -> Path:
-        """Write the run into ``out``, whose claim the caller holds: staged, then committed; then the plots."""
+    def _write(self, out, plots: bool = True, problem: Problem | None = None, files: dict | None = None) -> Path:
+        """Write the run into ``out``, whose claim the caller holds: staged, then committed; then the plots.
+        ``files``: more of the run's files, name -> bytes, committed with the rest (a sweep's sweep.csv)."""
         from nnfit import report
 
         out = Path(out)
@@ -230,6 +231,8 @@ class FittedModel:
             keep = self._tensorboard_events(out)
             with runfolder.staged(out) as stage:
                 self._write_files(stage)
+                for name, data in (files or {}).items():
+                    checkpoint.atomic_write_bytes(stage / name, data)
             runfolder.commit(out, keep=keep)
         if plots:
             from nnfit import html_report

@@ -426,7 +426,7 @@ def peak_memory(ctx: Context) -> dict:
     values = [torch.cuda.max_memory_allocated(ctx.device), rss] if ctx.device.type == "cuda" else [rss]
     suffix = ""
     if ctx.distributed:
-        t = torch.tensor([float(v) for v in values], device=ctx.device)
+        t = torch.tensor(values, dtype=torch.int64, device=ctx.device)  # exact: float32 rounds byte counts
         values, suffix = [int(v) for v in all_reduce(t, ctx, "max").tolist()], " (largest over the ranks)"
     entries = [{"bytes": int(v), "human": _format_bytes(v), "measure": kind + suffix}
                for v, kind in zip(values, [CUDA_PEAK, RSS] if len(values) == 2 else [RSS])]

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnfit.config import ACTIVATIONS, Config
-from nnfit.errors import NnfitError, TrainingDiverged
+from nnfit.errors import NnfitError, TrainingDiverged, TrainingInterrupted
 
 ETA = 3  # successive halving keeps the best third of each rung and gives it three times the budget
 SWEPT = ("lr", "hidden", "width", "depth", "activation")
@@ -228,8 +230,8 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     _check_settings(config)
     reporter = reporter or Reporter(quiet=config.quiet, verbose=False)
     out = Path(config.out) if config.out else None
-    if out is not None and not config.overwrite:
-        _check_out(out)
+    if out is not None:
+        _check_out(out, config.overwrite)
 
     started = time.perf_counter()
     problem = build_problem(config, frame_)  # once: every configuration learns from the same samples
@@ -237,6 +239,7 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     # The configuration nnfit train would train with these options, if the grid lists it: it trains first, in
     # full, and the halving's survivor must beat it on validation loss. A sweep that lists the default is then
     # never worse than the default run (on validation), whatever the short first rungs get wrong.
+    _preflight(trials, config, problem, n_train)  # every configuration, before any trains
     default = None if exhaustive else _default_trial(trials, config, problem, n_train)
     contenders = [t for t in trials if t is not default]
     budgets = _budgets(len(contenders), exhaustive)
@@ -254,9 +257,11 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
     rungs = []
     final = len(budgets) - 1
     failed = True
+    doing = ""  # what a stop signal interrupts, for its message
     try:
         if default is not None:  # an ordinary run: the sweep's time budget is the only limit it gets
             seconds = max(_left(config, started), 1e-3) if config.time_budget else None
+            doing = f"the full run of #{default.index + 1} (the default configuration)"
             _train_trial(default, final, 1.0, seconds, problem, n_train, ctx, reporter, label="the default")
         work = [keep * fraction for keep, fraction in budgets]  # in full runs' epochs
         alive = contenders
@@ -271,6 +276,8 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                     break
                 seconds = max(left * work[rung] / sum(work[rung:]) / keep, 1e-3)
             for group in _groups(alive, problem, n_train):
+                doing = (f"rung {rung + 1} of {len(budgets)}, training configuration(s) "
+                         f"{', '.join(f'#{t.index + 1}' for t in group)}")
                 if len(group) > 1:
                     _train_stacked(group, rung, fraction, seconds, problem, n_train, ctx, reporter)
                 else:
@@ -279,6 +286,8 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                           "budget": f"1/{round(1 / fraction)}" if fraction < 1 else "full"})
             alive = sorted(alive, key=lambda t: t.val_loss)  # validation only: the test points never choose
         failed = False
+    except TrainingInterrupted as exc:
+        raise _interrupted(exc, doing, out) from None
     finally:
         devices.cleanup_context(ctx, failed)
     # The finalists: the best of the last rung the halving trained, and the default's full run.
@@ -303,12 +312,12 @@ def sweep(formula: str | None = None, domain=None, data=None, target=None, input
                              "table": SWEEP_CSV, "rows": result.rows}
     if out is not None:
         from nnfit import runfolder
-        from nnfit.checkpoint import atomic_write_bytes
 
         best.config = best.config.replace(out=str(out))
         with runfolder.Claim(out, overwrite=config.overwrite):
-            best._write(out, plots=config.plots, problem=problem)  # the ordinary run-folder writers
-            atomic_write_bytes(out / SWEEP_CSV, result.frame().to_csv(index=False).encode())
+            # the ordinary run-folder writers; sweep.csv in the same commit as the model, before the plots
+            best._write(out, plots=config.plots, problem=problem,
+                        files={SWEEP_CSV: result.frame().to_csv(index=False).encode()})
         result.path = out
     return result
 
@@ -328,11 +337,75 @@ def _check_settings(config: Config) -> None:
                          "winner's settings with nnfit train --tensorboard to watch one run")
 
 
-def _check_out(out: Path) -> None:
-    """A sweep writes its winner at the end; refuse a used folder before spending the time."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise NnfitError(f"--out {out} already exists and is not an empty folder; a run folder is never "
-                         "overwritten silently: choose a new --out, or pass --overwrite to replace the run in it")
+def _check_out(out: Path, overwrite: bool) -> None:
+    """A sweep writes its winner at the end; refuse what train would refuse (a file, a used run folder) before
+    spending the time, by train's own check (runfolder.Claim), which removes a folder it made."""
+    import contextlib
+    import os
+
+    from nnfit import runfolder
+
+    existed = os.path.lexists(out)
+    with runfolder.Claim(out, overwrite=overwrite):
+        pass
+    if not existed:  # made by the check: the winner's commit makes it again at the end
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> None:
+    """What each run would check only when it starts (its network's memory, --init-from's architecture),
+    checked for every configuration before the first trains, so that a mistake costs no training time."""
+    from nnfit import devices, runfolder
+    from nnfit.model import training_memory
+
+    n_in, n_out = len(problem.input_names), len(problem.target_names)
+    problems = []
+    if config.init_from:
+        theirs = runfolder.read_model(config.init_from)[1]["architecture"]
+        fixed = (theirs.get("type"), theirs.get("inputs"), theirs.get("outputs")) == ("mlp", n_in, n_out)
+        wrong = [t for t in trials if not fixed or (list(t.config.hidden), t.config.activation) !=
+                 (list(theirs.get("hidden", [])), theirs.get("activation"))]
+        if wrong:
+            shape = (f"hidden {','.join(map(str, theirs['hidden']))}, activation {theirs['activation']}"
+                     if theirs.get("type") == "mlp" else theirs.get("class", "a custom module"))
+            keep = ("; sweep only what keeps that network (such as --lr), or drop --init-from to sweep networks "
+                    "from scratch") if fixed else ("; start from a run with this data's inputs and targets, or drop "
+                                                   "--init-from")
+            problems.append(f"--init-from {config.init_from} is a network of {shape} "
+                            f"({theirs.get('inputs')} input(s), {theirs.get('outputs')} output(s)), and configuration(s) "
+                            f"{_names(wrong)} of the sweep build another network, which cannot start from its "
+                            f"weights{keep}")
+    free = devices.free_host_memory()
+    size = _element_size(config)
+    need = {t.index: training_memory(n_in, n_out, t.config.hidden, t.config.ensemble, size, moments=2, batch=1,
+                                     rows=0).total() for t in trials}
+    big = [t for t in trials if need[t.index] > free]
+    if big:
+        problems.append(f"configuration(s) {_names(big)} of the sweep need up to about "
+                        f"{devices._format_bytes(max(need[t.index] for t in big))} of memory to train, more than the "
+                        f"{devices._format_bytes(free)} free now; drop those networks from --hidden (or --width/--depth), "
+                        "or give them smaller widths")
+    for group in _groups([t for t in trials if t not in big], problem, n_train):
+        c = group[0].config
+        if len(group) > 1 and training_memory(n_in, n_out, c.hidden, len(group) * c.ensemble, size, moments=2,
+                                              batch=1, rows=0).total() > free:
+            problems.append(f"configuration(s) {_names(group)} train together, stacked (one network, {len(group)} "
+                            f"learning rates), and need more memory than the {devices._format_bytes(free)} free now; "
+                            "list fewer learning rates in --lr, or give the network smaller widths")
+    if problems:
+        raise NnfitError("nothing was trained: " + "; and ".join(problems))
+
+
+def _element_size(config: Config) -> int:
+    import torch
+
+    return torch.finfo(getattr(torch, config.dtype)).bits // 8
+
+
+def _names(trials: list[Trial]) -> str:
+    return ", ".join(f"#{t.index + 1} (hidden {','.join(map(str, t.config.hidden))}, {t.config.activation})"
+                     for t in trials)
 
 
 def _budgets(n: int, exhaustive: bool) -> list[tuple[int, float]]:
@@ -377,11 +450,43 @@ def _train_trial(trial: Trial, rung: int, fraction: float, seconds: float | None
     trial.rung, trial.fitted = rung, fitted
     if fitted is not None:
         fitted.config = fitted.config.replace(quiet=config.quiet, plots=config.plots)
+        _as_swept(fitted, config)
     lr = "auto" if config.lr is None else f"{config.lr:g}"
     outcome = f"validation loss {trial.val_loss:.3e}" if fitted is not None else "diverged"
     reporter.log(f"  {label or f'rung {rung + 1}'}, #{trial.index + 1}: lr {lr}, hidden {','.join(map(str, config.hidden))}, "
                  f"{config.activation}, {epochs or full.epochs} epochs: {outcome} "
                  f"({time.perf_counter() - started:.1f} s)")
+
+
+def _as_swept(fitted, config: Config) -> None:
+    """A configuration's run as the user's settings retrain it: the sweep's time budget (not the share of it the
+    run had, an internal detail the stop reason names), and the epochs it trained when that share stopped it,
+    so that its config.json, recipe, summary and the sweep's table give one epoch count."""
+    trained = len(fitted.history)
+    stopped = fitted.summary.get("stopped") or ""
+    share = re.match(r"time budget of (\S+) s reached", stopped)
+    if share and config.time_budget:
+        fitted.summary["stopped"] = (f"its share ({float(share.group(1)):.2g} s) of the sweep's time budget of "
+                                     f"{config.time_budget:g} s reached" + stopped[share.end():])
+        planned = fitted.config.epochs
+        if trained < planned:
+            fitted.summary["recipe"] = re.sub(rf"\b{planned} epochs", f"{trained} of {planned} epochs",
+                                              fitted.summary.get("recipe", ""), count=1)
+            fitted.config = fitted.config.replace(epochs=trained)
+    fitted.config = fitted.config.replace(time_budget=config.time_budget)
+
+
+def _interrupted(exc: TrainingInterrupted, doing: str, out: Path | None) -> TrainingInterrupted:
+    """A stop signal during a sweep: its configurations train without run folders, so say what was
+    interrupted and that there is nothing to resume, instead of a single run's message."""
+    name = signal.Signals(exc.exit_code - 128).name if exc.exit_code > 128 else "interrupted"
+    again = " again" if getattr(exc, "at_once", False) else ""
+    written = f"nothing was written to --out {out}" if out is not None else "no run folder was asked for (--out)"
+    return TrainingInterrupted(f"{name}{again}: the sweep stopped in {doing or 'its preparation'}; {written}, and a "
+                               "sweep cannot be resumed (nnfit resume takes a run folder): run the same command "
+                               "again (its samples are drawn with the same seed), or fewer configurations or "
+                               "--time-budget SECONDS to finish sooner", exc.exit_code,
+                               at_once=getattr(exc, "at_once", False))
 
 
 def _left(config: Config, started: float) -> float | None:
@@ -409,11 +514,10 @@ def _as_full_run(trial: Trial, problem, n_train: int) -> None:
 
 
 def _recipe(config: Config, problem, n_train: int):
-    from nnfit.model import MLP
     from nnfit.train import choose_recipe
 
-    n_params = sum(p.numel() for p in MLP(len(problem.input_names), len(problem.target_names),
-                                          config.hidden, config.activation).parameters())
+    widths = [len(problem.input_names), *config.hidden, len(problem.target_names)]
+    n_params = sum((a + 1) * b for a, b in itertools.pairwise(widths))  # counted, not built: it may not fit
     return choose_recipe(config, n_train, n_params)
 
 
@@ -472,6 +576,7 @@ def _train_stacked(group: list[Trial], rung: int, fraction: float, seconds: floa
         summary["stacked"] = (f"trained as member {k + 1} of {len(group)} of one stacked computation (one learning "
                               "rate each); its metrics.csv holds the members' mean losses per epoch")
         single.summary = summary
+        _as_swept(single, t.config)
         t.fitted, t.val_loss, t.rung, t.diverged = single, losses[k], rung, ""
         t.seconds += each
         reporter.log(f"  rung {rung + 1}, #{t.index + 1}: lr {lrs[k]:g}, hidden {','.join(map(str, t.config.hidden))}, "

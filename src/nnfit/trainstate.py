@@ -81,8 +81,12 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
         live.update({f"{prefix}/{k}": v for k, v in state.items()})
     fresh["rng/torch"] = torch.get_rng_state()
     fresh["rng/generator"] = generator.get_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        fresh.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    device = getattr(plan, "device", None)
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        # The run's own device's generator only (under DDP each rank's is its device's; the state rank 0
+        # saves would otherwise hold every GPU's as rank 0's process sees them).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fresh[f"rng/cuda/{index}"] = torch.cuda.get_rng_state(index)
     if perm is not None:
         live["perm"] = perm
     if total is not None:
@@ -155,17 +159,30 @@ def part(state: State, prefix: str, like: dict | None = None) -> dict:
 
 
 def unpacked(state: State, key: str):
-    """The optimizer's or scaler's state_dict, with copies of its tensors."""
+    """The optimizer's or scaler's state_dict, with copies of its tensors: of those under ``key/`` only
+    (copying the model's, the best and the start weights too would double the state's memory at a rollback)."""
     value = state.info.get(key)
-    return None if value is None else checkpoint.unpack(value, {k: v.clone() for k, v in state.tensors.items()})
+    start = key + "/"
+    return None if value is None else checkpoint.unpack(
+        value, {k: v.clone() for k, v in state.tensors.items() if k.startswith(start)})
 
 
-def restore_rng(state: State, generator: torch.Generator) -> None:
+def restore_rng(state: State, generator: torch.Generator, device: torch.device | None = None, note=None) -> None:
+    """The RNG states back as ``state`` saved them; on CUDA, ``device``'s generator only. ``note`` (a log
+    line) says when the saved CUDA state cannot be restored, e.g. a state saved with every GPU's generator
+    (before nnfit saved one) resumed on a machine with another number of GPUs."""
     torch.set_rng_state(state.tensors["rng/torch"])
     generator.set_state(state.tensors["rng/generator"])
-    cuda = [state.tensors[k] for k in sorted(state.tensors) if k.startswith("rng/cuda/")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda = {int(k.rpartition("/")[2]): state.tensors[k] for k in state.tensors if k.startswith("rng/cuda/")}
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # one saved state: the run's own generator, whichever GPU it was on; several (older runs): this GPU's
+        saved = next(iter(cuda.values())) if len(cuda) == 1 else cuda.get(index)
+        if saved is not None:
+            torch.cuda.set_rng_state(saved, index)
+        elif note is not None:
+            note(f"resume: the saved CUDA random-number state ({len(cuda)} GPU generators) does not fit "
+                 f"{device}; its generator continues from its own state (random draws on the GPU differ)")
     name, pos, has_gauss, cached = state.info["rng"]["numpy"]
     np.random.set_state((name, state.tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, gauss_next = state.info["rng"]["python"]
