@@ -293,3 +293,78 @@ def test_predictions_that_are_not_finite_are_flagged(tmp_path):
     with pytest.warns(NnfitWarning, match=r"2 of 2 prediction\(s\) are not finite"):
         frame = model.predict_frame(pd.DataFrame({"x": [0.25, 0.75]}))
     assert frame["y_pred"].isna().all()
+
+
+def test_a_module_instance_is_copied_so_earlier_results_keep_their_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kw = dict(formula="x**2", domain={"x": (0, 1)}, model=net, epochs=2, quiet=True)
+    a = nnfit.fit(**kw)
+    x = np.linspace(0, 1, 5).reshape(-1, 1)
+    first = a.predict(x)
+    b = nnfit.fit(**kw, seed=1)
+    assert a.module is not b.module and a.module is not net
+    assert np.array_equal(a.predict(x), first)  # the second fit left the first result alone
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the instance is untouched
+
+
+def test_seed_none_draws_a_fresh_seed_and_records_it(tmp_path):
+    kw = dict(formula="x**2", domain={"x": (0, 1)}, hidden=(4,), epochs=2, quiet=True)
+    a = nnfit.fit(**kw, seed=None, out=str(tmp_path / "run"))
+    assert isinstance(a.config.seed, int) and a.summary["seed"] == a.config.seed
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == a.config.seed
+    again = nnfit.fit(**kw, seed=a.config.seed)  # the recorded seed reproduces the run
+    assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), again.module.parameters()))
+    assert nnfit.Config(seed=None).seed >= 0
+    assert len({nnfit.Config(seed=None).seed for _ in range(5)}) > 1
+
+
+def test_hidden_takes_integral_floats_numpy_ints_and_a_comma_string():
+    assert nnfit.Config(hidden=(4.0,)).hidden == (4,)
+    assert nnfit.Config(hidden=np.array([8.0, 3])).hidden == (8, 3)
+    assert nnfit.Config(hidden=np.int64(5)).hidden == (5,)
+    assert nnfit.Config(hidden="8,8").hidden == (8, 8)
+    model = nnfit.fit(formula="x**2", domain={"x": (0, 1)}, hidden=(4.0,), epochs=1, quiet=True)
+    assert model.module.l1.out_features == 4
+    for bad, says in (((4.5,), "positive widths"), ("8,a", "'8,a'"), (("a",), "'a' is not a number")):
+        with pytest.raises(NnfitError, match=says):
+            nnfit.Config(hidden=bad)
+
+
+def test_predict_frame_refuses_bad_tables_with_one_error(tutorial_run, tmp_path):
+    model, _ = tutorial_run
+    with pytest.raises(NnfitError, match="missing input column"):
+        model.predict_frame(pd.DataFrame({"z": [0.5]}))
+    with pytest.raises(NnfitError, match="DataFrame"):
+        model.predict_frame(np.array([[0.5]]))
+    out = tmp_path / "P.PARQUET"
+    model.predict_frame(pd.DataFrame({"x": [0.25, 0.5]}), out=out)
+    assert out.read_bytes()[:4] == b"PAR1"
+    assert list(pd.read_parquet(out).columns) == ["x", "y_pred"]
+
+
+def test_a_dataframe_with_integer_column_labels_fits_and_predicts():
+    rng = np.random.default_rng(0)
+    d = pd.DataFrame(rng.uniform(0, 1, size=(60, 3)))
+    d[2] = d[0] + d[1]
+    model = nnfit.fit(data=d, target=2, hidden=(4,), epochs=2, quiet=True)
+    assert model.input_names == ("0", "1") and model.target_names == ("2",)
+    assert np.array_equal(model.predict(d[[0, 1]]), model.predict(d[[0, 1]].to_numpy()))
+    with pytest.raises(NnfitError, match="missing column"):
+        model.predict(d[[0]])
+
+
+def test_a_module_that_cannot_be_copied_is_one_error_naming_the_way_out():
+    import threading
+
+    class HoldsALock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.lock = nn.Linear(1, 1), threading.Lock()
+
+        def forward(self, x):
+            return self.l1(x)
+
+    with pytest.raises(NnfitError, match=r"could not be copied .*model=HoldsALock or model=lambda"):
+        nnfit.fit(model=HoldsALock(), epochs=1, quiet=True)

@@ -166,7 +166,8 @@ def test_training_run_leaves_frozen_tensors_bit_identical(settings):
     start = snapshot(net)
     model = nnfit.fit(domain={"x": (0, 1)}, model=net, freeze=["l1"], epochs=4, batch_size=32,
                       **{**SMALL, **settings})
-    assert model.module is net
+    assert model.module is not net and all(torch.equal(p, start[n]) for n, p in net.state_dict().items())
+    net = model.module  # fit trained a copy of the instance, which kept its weights
     for name in ("l1.weight", "l1.bias"):
         assert freeze.bit_identical(dict(net.named_parameters())[name], start[name])
     for name in ("l2.weight", "l2.bias", "l3.weight", "l3.bias"):
@@ -210,7 +211,8 @@ def test_unfreeze_at_trains_a_layer_from_that_epoch_on(optimizer, optimizers):
     net = MLP(1, 1, hidden=(16, 16))
     start = snapshot(net)
     recorder = Recorder(net)
-    model = nnfit.fit(domain={"x": (0, 1)}, model=net, reporter=recorder, freeze=["l1"], unfreeze_at={3: "l1"},
+    # a factory: the module it builds is trained (an instance would be copied), so the test can watch it
+    model = nnfit.fit(domain={"x": (0, 1)}, model=lambda: net, reporter=recorder, freeze=["l1"], unfreeze_at={3: "l1"},
                       epochs=5, optimizer=optimizer, batch_size=64, patience=1, **SMALL)
     assert len(recorder.after_epoch) == 5  # patience 1 must not stop the run before the unfreeze
     for epoch, (values, trainable) in enumerate(recorder.after_epoch, start=1):
@@ -242,7 +244,8 @@ def test_unfreeze_at_must_name_frozen_parameters():
 def test_lr_for_gives_matched_parameters_their_own_group(optimizers):
     torch.manual_seed(0)
     net = MLP(1, 1, hidden=(16, 16))
-    nnfit.fit(domain={"x": (0, 1)}, model=net, optimizer="adam", lr=1e-3, schedule="none",
+    # a factory: the module it builds is trained (an instance would be copied), so the test can watch it
+    nnfit.fit(domain={"x": (0, 1)}, model=lambda: net, optimizer="adam", lr=1e-3, schedule="none",
               lr_for={"l3": 1e-2, "l*.bias": 1e-4}, epochs=2, **SMALL)
     groups = optimizers[0].param_groups
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -255,7 +258,8 @@ def test_lr_for_gives_matched_parameters_their_own_group(optimizers):
 def test_lr_for_follows_the_one_cycle_schedule_and_applies_to_unfrozen_groups(optimizers):
     torch.manual_seed(0)
     net = MLP(1, 1, hidden=(16, 16))
-    nnfit.fit(domain={"x": (0, 1)}, model=net, optimizer="adam", lr=1e-3, schedule="onecycle", freeze=["l1"],
+    # a factory: the module it builds is trained (an instance would be copied), so the test can watch it
+    nnfit.fit(domain={"x": (0, 1)}, model=lambda: net, optimizer="adam", lr=1e-3, schedule="onecycle", freeze=["l1"],
               unfreeze_at={2: "l1"}, lr_for={"l1": 1e-2}, epochs=4, batch_size=32, **SMALL)
     groups = optimizers[0].param_groups
     assert [g["base_lr"] for g in groups] == [1e-3, 1e-2]  # the unfrozen layer got its group and its own peak

@@ -166,3 +166,47 @@ def test_invalid_settings_raise_nnfit_error(product):
     (X, y), _ = product
     with pytest.raises(NnfitError, match="activation must be one of .*got 'swish'"):
         nnfit.Regressor(activation="swish").fit(X, y)
+
+
+def test_fit_keeps_the_users_column_and_target_names(product, tmp_path):
+    (X, y), _ = product
+    est = nnfit.Regressor(hidden=(8,), epochs=3, random_state=0).fit(X[:60], y[:60].rename("target"))
+    assert est.model_.input_names == ("a", "b") and est.model_.target_names == ("target",)
+    run = est.model_.save(tmp_path / "run", plots=False)
+    assert np.allclose(nnfit.load(run).predict(X[:5]), est.predict(X[:5]))
+    both = pd.DataFrame({"u": y[:60], "v": 2 * y[:60]})
+    assert nnfit.Regressor(hidden=(8,), epochs=2).fit(X[:60], both).model_.target_names == ("u", "v")
+    # unusable names fall back: arrays, a target named as an input, non-string columns
+    assert nnfit.Regressor(hidden=(8,), epochs=2).fit(X[:60].to_numpy(), y[:60].to_numpy()).model_.input_names \
+        == ("x0", "x1")
+    assert nnfit.Regressor(hidden=(8,), epochs=2).fit(X[:60], y[:60].rename("a")).model_.target_names == ("y0",)
+    assert nnfit.Regressor(hidden=(8,), epochs=2).fit(X[:60], y[:60].rename(0)).model_.target_names == ("y0",)
+
+
+def test_first_partial_fit_runs_one_epoch(product):
+    (X, y), _ = product
+    est = nnfit.Regressor(hidden=(8,), random_state=0).partial_fit(X[:60], y[:60])
+    assert len(est.history_) == 1
+    est.partial_fit(X[60:120], y[60:120])
+    assert len(est.history_) == 1 and est.model_.target_names == est.model_.target_names
+
+
+def test_hidden_as_numpy_floats_trains(product):
+    (X, y), _ = product
+    est = nnfit.Regressor(hidden=np.array([8.0]), epochs=2).fit(X[:60], y[:60])
+    assert est.model_.module.l1.out_features == 8
+
+
+def test_documented_signature_lists_every_parameter():
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "integrations.md").read_text()
+    text = re.search(r"`nnfit\.Regressor\((.*?)\)`:", doc, re.S).group(1)
+    call = ast.parse(f"f({text})").body[0].value
+    documented = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    params = inspect.signature(nnfit.Regressor).parameters
+    assert list(documented) == list(params)
+    assert documented == {k: p.default for k, p in params.items()}

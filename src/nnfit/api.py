@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import platform
@@ -131,8 +132,12 @@ class FittedModel:
             if suffix in OTHER_TABLE_SUFFIXES:
                 raise NnfitError(f"--out {out} names a {suffix} file, but predict writes CSV or Parquet; name it "
                                  f"{Path(out).with_suffix('.csv').name} or {Path(out).with_suffix('.parquet').name}")
-        frame = read_inputs(data, self.input_names, allowed_extra=self.target_names) \
-            if isinstance(data, (str, Path)) else data  # a DataFrame is checked by predict
+        if not isinstance(data, (str, Path)) and not hasattr(data, "columns"):
+            raise NnfitError(f"predict_frame takes a table's path or a pandas DataFrame with the input columns "
+                             f"({', '.join(self.input_names)}), got {type(data).__name__}; for an array use "
+                             f"predict(X), or wrap it: pandas.DataFrame(X, columns={list(self.input_names)})")
+        # A path or a DataFrame: missing, extra or repeated columns are one NnfitError that names them.
+        frame = read_inputs(data, self.input_names, allowed_extra=self.target_names)
         X = frame[list(self.input_names)]
         pred, std = self.predict(X, return_std=True) if self.members > 1 else (self.predict(X), None)
         pred = np.asarray(pred).reshape(len(frame), -1)
@@ -147,7 +152,7 @@ class FittedModel:
             if std is not None:
                 result[f"{name}_std"] = np.asarray(std).reshape(len(frame), -1)[:, i]
         if out is not None:
-            if out.endswith((".parquet", ".pq")):
+            if suffix in (".parquet", ".pq"):  # P.PARQUET too
                 checkpoint.atomic_write_bytes(out, result.to_parquet(index=False))
             else:
                 checkpoint.atomic_write_bytes(out, result.to_csv(index=False).encode())
@@ -297,7 +302,9 @@ def fit(formula: str | None = None, domain=None, data=None, target=None, inputs=
             data, the tutorial's exercise ``x**2 + x`` on [0, 1] is learned.
         data: a path (.csv, .tsv, .parquet, .npy, .npz) or a pandas DataFrame.
         target, inputs: column names (a list, or a comma-separated string).
-        model: your own ``torch.nn.Module`` in place of the built-in MLP.
+        model: your own ``torch.nn.Module`` (an instance, or a class built without arguments) in place of
+            the built-in MLP. An instance is copied and the copy trained (``fitted.module``): the instance
+            itself keeps its weights, so fitting it again starts afresh and leaves earlier results as they were.
         stop_signals: while training, SIGINT and SIGTERM save the training state and raise
             ``TrainingInterrupted`` (a second one stops at once), as ``nnfit train`` does.
         **settings: any ``Config`` field, named as the CLI option (``epochs``, ``batch_size``, ``lr``, ...).
@@ -405,6 +412,15 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         raise NnfitError(f"{S('ensemble', config.ensemble)} stacks K copies of nnfit's own MLP into one computation, "
                          f"and a custom module ({type(user_model).__name__}) cannot be stacked; drop ensemble=, "
                          "or describe the network with --hidden and --activation")
+    if isinstance(user_model, torch.nn.Module):  # a copy: a result the instance gave earlier keeps its weights
+        try:
+            user_model = copy.deepcopy(user_model)
+        except (TypeError, RuntimeError, copy.Error) as exc:
+            name = type(user_model).__name__
+            raise NnfitError(f"model={name}(...) is trained on a copy, so that the instance and earlier results "
+                             f"keep their weights, but it could not be copied ({str(exc).splitlines()[0]}); pass a "
+                             f"class or a function that builds a fresh one instead: model={name} or "
+                             f"model=lambda: {name}(...)") from None
     if user_model is not None:
         user_model = instantiate(user_model)
         check_module(user_model, problem.input_names, problem.target_names, None, None)
@@ -463,6 +479,7 @@ def _fit(config: Config, ctx, frame, user_model, reporter: Reporter,
         "stopped": result.stopped,
         "train_seconds": round(result.seconds, 4),
         "device": str(ctx.device),
+        "seed": config.seed,  # the one drawn for seed=None too: pass it to reproduce the run
         "validation": validation,
     }
     if len(problem.target_names) > 1 and len(val_idx):

@@ -120,7 +120,8 @@ class Config:
         "stop training after this many seconds", kind="float"))
     grad_clip: float | None = field(default=None, metadata=_opt(
         "clip the gradient norm to this value", kind="float", level="advanced"))
-    seed: int = field(default=0, metadata=_opt("random seed (same seed on the CPU: identical weights)", kind="int",
+    seed: int | None = field(default=0, metadata=_opt(  # None from Python: a fresh seed, recorded
+        "random seed (same seed on the CPU: identical weights)", kind="int",
         commands={"evaluate": "seed of the fresh points"}))
     dtype: str = field(default="float32", metadata=_opt("floating-point type of the model and data", choices=DTYPES, level="advanced"))
 
@@ -180,6 +181,8 @@ class Config:
 
     def __post_init__(self):
         problems = []
+        if self.seed is None:  # a fresh seed, recorded here (and so in config.json) to reproduce the run
+            object.__setattr__(self, "seed", fresh_seed())
         for f in dataclasses.fields(self):  # Config(domain={"x": (0, 1)}) as well as from_dict and replace
             try:
                 object.__setattr__(self, f.name, normalize(f.name, getattr(self, f.name)))
@@ -334,6 +337,8 @@ def normalize(name: str, value: Any) -> Any:
     if kind == "strs":
         if isinstance(value, str):
             value = [v for v in value.split(",")]
+        elif not isinstance(value, (list, tuple)) and not hasattr(value, "__array__"):
+            value = [value]  # target=2: a DataFrame's integer column label, matched as "2"
         return tuple(str(v).strip() for v in value)
     if kind == "patterns":
         return tuple(v.strip() for item in ([value] if isinstance(value, str) else value) for v in str(item).split(","))
@@ -355,13 +360,44 @@ def normalize(name: str, value: Any) -> Any:
             raise NnfitError("lr_for must map patterns to learning rates, such as {'l3': 0.01}, "
                              f"got {value!r}") from None
     if kind == "ints":
-        if isinstance(value, int):
-            return (value,)
-        return tuple(value)
+        return _widths(name, value)
     return value
 
 
+def _widths(name: str, value) -> tuple:
+    """Layer widths from Python: 8, (8, 8), "8,8" (as the CLI reads it), numpy integers or integral floats
+    (4.0, np.array([8.0])) become ints; a non-integral or non-numeric width is kept for ``problems`` to report."""
+    import numbers
+
+    example = "integers such as hidden=(100, 100) or hidden='100,100'"
+    if isinstance(value, str):
+        try:
+            return tuple(int(v) for v in value.split(","))
+        except ValueError:
+            raise NnfitError(f"{S(name)} must be {example}, got {value!r}; give each width as a whole "
+                             "number, separated by commas") from None
+    if isinstance(value, numbers.Real):
+        value = (value,)
+    try:
+        items = list(value)
+    except TypeError:
+        raise NnfitError(f"{S(name)} must be {example}, got {value!r}") from None
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise NnfitError(f"{S(name)} must be {example}, got {value!r} (the width {v!r} is not a number)")
+        out.append(int(v) if math.isfinite(v) and float(v).is_integer() else v)
+    return tuple(out)
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def fresh_seed() -> int:
+    """A random seed for ``seed=None``, drawn from the operating system's entropy."""
+    import secrets
+
+    return secrets.randbelow(2**31 - 1)
 
 
 def _scalar(name: str, kind: str, value):

@@ -224,7 +224,7 @@ def as_matrix(X, input_names, what: str = "X", allowed_extra=()) -> torch.Tensor
                 parts.append(f"unexpected column(s) {', '.join(extra)}")
             raise NnfitError(f"{what} has {' and '.join(parts)}; the model was trained on: {', '.join(input_names)}")
         try:
-            X = X[list(input_names)].to_numpy(dtype=np.float64)
+            X = X.set_axis(cols, axis=1)[list(input_names)].to_numpy(dtype=np.float64)  # labels 0, 1 as "0", "1"
         except (TypeError, ValueError) as exc:
             raise NnfitError(f"{what} has non-numeric values: {exc}") from None
     if isinstance(X, torch.Tensor):

@@ -81,9 +81,10 @@ class Regressor(RegressorMixin, BaseEstimator):
 
     def fit(self, X, y):
         """Train a fresh network on ``X`` (n, d) and ``y`` (n,) or (n, k). Returns ``self``."""
+        names = _target_names(y)
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64,
                              ensure_min_samples=2)
-        return self._train(X, y, start=None)
+        return self._train(X, y, start=None, target_names=names)
 
     def partial_fit(self, X, y):
         """Continue training from the current weights for one epoch on ``X``, ``y``.
@@ -93,12 +94,13 @@ class Regressor(RegressorMixin, BaseEstimator):
         On an unfitted estimator this starts a fresh network. Returns ``self``.
         """
         first = not hasattr(self, "model_")
+        names = _target_names(y)
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64,
                              ensure_min_samples=2, reset=first)
         if not first and _n_outputs(y) != self.n_outputs_:
             raise ValueError(f"y has {_n_outputs(y)} target column(s), but {type(self).__name__} "
                              f"was fitted with {self.n_outputs_}")
-        return self._train(X, y, start=None if first else self.model_)
+        return self._train(X, y, start=None if first else self.model_, target_names=names, partial=True)
 
     def predict(self, X, return_std=False):
         """Predictions in the units of ``y``: shape (n,) if ``y`` was 1-D, else (n, k).
@@ -120,7 +122,7 @@ class Regressor(RegressorMixin, BaseEstimator):
             return shaped(mean)
         return shaped(mean), shaped(members.std(dim=0).numpy())
 
-    def _train(self, X, y, start):
+    def _train(self, X, y, start, target_names=None, partial=False):
         import pandas as pd
 
         from nnfit import api, devices
@@ -128,11 +130,17 @@ class Regressor(RegressorMixin, BaseEstimator):
 
         self._y_1d = y.ndim == 1
         Y = y.reshape(len(y), -1)
-        # Internal column names: the user's names (feature_names_in_) may repeat or clash with targets.
-        inputs = [f"x{i}" for i in range(X.shape[1])]
-        targets = [f"y{j}" for j in range(Y.shape[1])]
+        if start is not None:  # partial_fit goes on in the names of its first call
+            inputs, targets = list(start.input_names), list(start.target_names)
+        else:  # the user's column names where usable, so that model_.save() runs predict on their tables
+            inputs = _usable(getattr(self, "feature_names_in_", None), X.shape[1]) \
+                or [f"x{i}" for i in range(X.shape[1])]
+            targets = _usable(target_names, Y.shape[1], taken=inputs) or [f"y{j}" for j in range(Y.shape[1])]
+            if set(targets) & set(inputs):  # the fallback y0.. named as an input column
+                inputs = [f"x{i}" for i in range(X.shape[1])]
+                targets = [f"y{j}" for j in range(Y.shape[1])]
         frame = pd.DataFrame(np.hstack([X, Y]), columns=inputs + targets)
-        config = self._config(inputs, targets, continuing=start is not None)
+        config = self._config(inputs, targets, partial=partial)
         ctx = devices.init_context(config)
         try:
             fitted = api._fit(config, ctx, frame, start.module if start else None,
@@ -145,14 +153,14 @@ class Regressor(RegressorMixin, BaseEstimator):
         self.history_ = fitted.history
         return self
 
-    def _config(self, inputs, targets, continuing: bool):
+    def _config(self, inputs, targets, partial: bool):
         from nnfit.config import Config
 
         settings = {name: getattr(self, name) for name in (
             "hidden", "activation", "optimizer", "lr", "epochs", "batch_size", "weight_decay", "schedule",
             "val_split", "patience", "time_budget", "grad_clip", "dtype", "device", "ensemble")}
-        if continuing:
-            # One epoch per call by default, as scikit-learn's partial_fit; a one-cycle schedule
+        if partial:
+            # One epoch per call by default (the first call too), as scikit-learn's partial_fit; a one-cycle schedule
             # would warm up again from a low rate on every call.
             settings["epochs"] = self.epochs or 1
             if self.schedule == "auto":
@@ -187,6 +195,27 @@ class Regressor(RegressorMixin, BaseEstimator):
         if "model_" in state:
             state["model_"] = _unpack(state["model_"])
         super().__setstate__(state)
+
+
+def _target_names(y):
+    """The names of ``y``'s columns: a Series' name, a DataFrame's columns; None for an array."""
+    if hasattr(y, "columns"):
+        return list(y.columns)
+    name = getattr(y, "name", None)
+    return None if name is None or not hasattr(y, "index") else [name]
+
+
+def _usable(names, count: int, taken=()):
+    """``names`` as nnfit's column names if they can be: ``count`` distinct non-empty strings without
+    surrounding spaces, none of them in ``taken``; else None (the caller falls back to x0.. or y0..)."""
+    if names is None:
+        return None
+    names = list(names)
+    if len(names) != count or len(set(names)) != count:
+        return None
+    if not all(isinstance(n, str) and n and n == n.strip() and "," not in n and n not in taken for n in names):
+        return None
+    return names
 
 
 def _n_outputs(y) -> int:
