@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nnfit.config import FIELDS, Config, parse_cli_value
 from nnfit.errors import NnfitError, NnfitWarning, TrainingInterrupted
-from nnfit.progress import Reporter, metrics_table
+from nnfit.progress import PipeSafe, Reporter, metrics_table
 
 GROUPS = {"data": "what to learn", "model": "the network", "freeze": "freezing and fine-tuning",
           "training": "training", "device": "device", "output": "output"}
@@ -135,6 +135,9 @@ def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+OVERWRITE = ("--overwrite", {"action": "store_true", "help": "replace the --out file if it exists (never the "
+                                                           "--data file, never anything but a regular file)"})
+
 # The other subcommands: help, description, and options of their own; their Config options are the
 # fields whose metadata names the subcommand (config.py), with the help given there.
 SUBCOMMANDS = {
@@ -149,7 +152,8 @@ SUBCOMMANDS = {
                                       "comma-separated, give several rows"}),
                  ("--std", {"action": "store_true",
                             "help": "require the spread: an ensemble (--ensemble K) always adds <target>_std, the "
-                                    "members' standard deviation; with a single network this is an error"}))),
+                                    "members' standard deviation; with a single network this is an error"}),
+                 OVERWRITE)),
     "evaluate": ("metrics of a trained model on a table, or on fresh formula points",
                  "Metrics of a trained model, in original units.",
                  (("--json", {"action": "store_true", "help": "print the metrics as JSON"}),)),
@@ -161,7 +165,8 @@ SUBCOMMANDS = {
                "Write a deployable model: it takes inputs and returns outputs in original units (the scaling is "
                "baked in), with any batch size.",
                (("--format", {"required": True, "choices": ("onnx", "torchscript"),
-                              "help": "onnx (needs pip install 'nnfit[export]') or torchscript"}),)),
+                              "help": "onnx (needs pip install 'nnfit[export]') or torchscript"}),
+                OVERWRITE)),
 }
 
 
@@ -277,7 +282,7 @@ def cmd_sweep(args) -> int:
     swept = {name: vars(args).pop(name) for name in ("lr", "hidden", "activation") if hasattr(args, name)}
     config = config_from_args(args)
     result = nnfit.sweep(config=config, width=args.width, depth=args.depth, exhaustive=args.exhaustive, **swept)
-    print(f"\nsweep of {len(result.rows)} configurations in {result.seconds:.1f} s, chosen by validation loss "
+    print(f"sweep of {len(result.rows)} configurations in {result.seconds:.1f} s, chosen by validation loss "
           "(* marks the winner; rung: how far it went in successive halving)")
     print(result.table())
     s = result.best.summary
@@ -315,6 +320,9 @@ def _reporter(quiet, verbose) -> Reporter:
 def cmd_predict(args) -> int:
     import nnfit
 
+    if args.out == "-":  # the Unix convention: standard output, as without --out
+        args.out = None
+    _check_out(args.out, args.overwrite, data=args.data)
     model = nnfit.load(args.run, device=args.device or "cpu")
     if bool(args.data) == bool(args.input):
         raise NnfitError("both --data and --input were given; give the inputs one way" if args.data else
@@ -322,14 +330,21 @@ def cmd_predict(args) -> int:
     if args.std and model.members == 1:
         raise NnfitError(f"--std asks for the spread of an ensemble's members, but {args.run} is a single network, "
                          "so there is no spread to give; train with --ensemble K (K >= 2) for a standard deviation")
-    if args.out == "-":  # the Unix convention: standard output, as without --out
-        args.out = None
     out = model.predict_frame(args.data or _parse_inputs(args.input, model.input_names), out=args.out)
     if args.out:
         print(f"wrote {len(out)} prediction(s) to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(out.to_csv(index=False, float_format="%.9g"))
     return 0
+
+
+def _check_out(out, overwrite: bool, data=None, export: bool = False) -> None:
+    """predict --out, export --out: never the input table, never an existing file without --overwrite."""
+    if out is None:
+        return
+    from nnfit.runfolder import check_new_file
+
+    check_new_file(out, overwrite, data=data, export=export)
 
 
 def _parse_inputs(items, names):
@@ -405,6 +420,7 @@ def cmd_inspect(args) -> int:
 def cmd_export(args) -> int:
     import nnfit
 
+    _check_out(args.out, args.overwrite, export=True)
     model = nnfit.load(args.run)
     path = model.export(args.format, args.out)
     print(f"wrote {path}: input x of shape (batch, {len(model.input_names)}), columns "
@@ -427,20 +443,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_showwarning = warnings.showwarning
 
 
-def _silence_closed_pipes() -> None:
-    """Point stdout and stderr at /dev/null, so that flushing them at exit cannot fail again."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            os.dup2(devnull, stream.fileno())
-        except (OSError, ValueError, AttributeError):  # pytest's captured streams have no file descriptor
-            pass
-    os.close(devnull)
-
-
 def main(argv=None) -> int:
+    # A reader that goes away (nnfit train | head -1, or a closed stderr) must not cost the work: what
+    # meets the closed pipe goes to /dev/null and the command finishes (a run is saved all the same).
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        for safe in (sys.stdout, sys.stderr):
+            if isinstance(safe, PipeSafe):
+                safe.flush()  # what is left meets the closed pipe here, not at exit
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     parser = build_parser()
@@ -470,8 +487,5 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("nnfit: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (nnfit inspect RUN | head -1): stop quietly, as Unix tools do
-        _silence_closed_pipes()
-        return 0
     finally:
         warnings.showwarning = previous

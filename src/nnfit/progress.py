@@ -26,6 +26,51 @@ def eta_text(elapsed: float, done: int, total: int) -> str:
     return f"eta {clock} at most"
 
 
+class PipeSafe:
+    """A text stream (stdout, stderr) whose reader may go away (``nnfit train | head -1``): the first write
+    or flush that meets the closed pipe points the stream's file descriptor at /dev/null, as Python's docs
+    advise for SIGPIPE, and every later one goes there too, so that the command goes on with its work (a
+    run is saved all the same) instead of dying on a progress line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.closed_pipe = False
+
+    def _guard(self, call, *args):
+        if self.closed_pipe:
+            return None
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            self.closed_pipe = True
+            _to_devnull(self.stream)
+            return None
+
+    def write(self, text):
+        self._guard(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._guard(self.stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
+
+
+def _to_devnull(stream) -> None:
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # a stream without a descriptor (pytest's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 class Reporter:
     """Prints training progress to stderr. Only the main process of a run gets a live one."""
 
@@ -131,7 +176,7 @@ def result_text(fitted, hint: bool = True) -> str:
 
     s, config = fitted.summary, fitted.config
     epochs = f"{s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}"
-    lines = [f"\n{s['source']}: {epochs} in {s['train_seconds']:.2f} s; stopped: {s['stopped']}"]
+    lines = [f"{s['source']}: {epochs} in {s['train_seconds']:.2f} s; stopped: {s['stopped']}"]
     before = s.get("init_from", {})
     lines.append(metrics_table({"validation": s.get("validation"), "test before": before.get("test_before"),
                                 "test": s.get("test")}, s.get("per_target")))

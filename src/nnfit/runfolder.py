@@ -445,7 +445,52 @@ def _folder(folder) -> Path:
         raise NnfitError(f"run folder {folder} does not exist; pass the --out folder of a training run")
     if not folder.is_dir():
         raise NnfitError(f"{folder} is not a run folder; pass the folder that holds {META} and {WEIGHTS}")
+    if not os.path.lexists(folder / META) and not os.path.lexists(folder / STAGING / COMPLETE):
+        _not_finished(folder)
     return folder  # its readers recover an interrupted commit (_consistent)
+
+
+def _not_finished(folder: Path) -> None:
+    """Why a folder without model.json holds no finished run, said as what to do: wait for the process
+    training into it, resume the stopped run in it, or pass one of the run folders inside it."""
+    writer = _writer(folder)
+    if writer is not None:
+        who = f" (pid {writer})" if writer.isdigit() else ""
+        raise NnfitError(f"another nnfit process{who} is writing {folder}: its run is not finished yet; wait for "
+                         "that process to finish, then read the run")
+    if os.path.lexists(folder / STATE):
+        raise NnfitError(f"{folder} holds an unfinished run (stopped before its end, {STATE} saved), not a "
+                         f"finished model; continue the stopped run with: nnfit resume {folder}")
+    if os.path.lexists(folder / WEIGHTS) or os.path.lexists(folder / CONFIG):
+        raise NnfitError(f"{folder / META} does not exist; the run folder is incomplete: retrain or restore it")
+    runs = sorted(str(p) for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and (os.path.lexists(p / META) or os.path.lexists(p / STATE)))
+    inside = f"; run folders inside it: {_names(runs)}" if runs else ""
+    raise NnfitError(f"{folder} is not a run folder (it has no {META}); pass the --out folder of a training "
+                     f"run{inside}")
+
+
+def _writer(folder: Path) -> str | None:
+    """The pid (or '') of the process holding ``folder``'s lock, None if no process holds it. A shared
+    lock tried and released at once: a reader never takes the writer's lock or removes its file."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return None
+        return None  # closing the file releases the shared lock
+    finally:
+        os.close(fd)
 
 
 def check_meta(meta, where: str) -> dict:
@@ -1011,3 +1056,30 @@ def check_output(path, allowed=()) -> None:
     if is_run and is_run_file(name) and name not in allowed:
         raise NnfitError(f"--out {path} is a file of the run folder {parent} ({name}); writing it would break the "
                          "run: choose a file outside the run's own files")
+
+
+def check_new_file(path, overwrite: bool, data=None, export: bool = False) -> None:
+    """An output file (predict --out, export --out): never the input table ``data``, never one of a run
+    folder's own files (an export's own file excepted, as without --out), never anything but a regular
+    file, and an existing file only with ``overwrite``."""
+    path = Path(path)
+    if data is not None and os.path.exists(path) and os.path.exists(data) and os.path.samefile(path, data):
+        raise NnfitError(f"--out {path} is the --data file {data}; writing it would replace your inputs: choose "
+                         f"another --out, e.g. {path.with_name(path.stem + '-pred' + path.suffix)}")
+    allowed = EXPORT_FILES if export else ()
+    check_output(path, allowed)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise NnfitError(f"could not check --out {path}: {exc.strerror or exc}; choose another --out") from None
+    if not stat.S_ISREG(mode):
+        raise NnfitError(f"{path} is {_kind(mode)}, not a regular file; nnfit writes only regular files (it "
+                         "would replace it): choose a file path")
+    parent = path.resolve().parent
+    if path.name in allowed and any(os.path.lexists(parent / n) for n in (META, STATE)):
+        return  # a run's own export, written again as nnfit export RUN does without --out
+    if not overwrite:
+        raise NnfitError(f"--out {path} already exists; nnfit never overwrites a file silently: pass --overwrite "
+                         "to replace it, or choose another --out")
