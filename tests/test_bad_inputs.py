@@ -243,7 +243,8 @@ def test_predict_with_wrong_columns_or_nan(run_dir, tmp_path, capsys):
     check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "missing.csv")], 2, "missing input column(s) x")
     check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "extra.csv")], 2, "unexpected column(s) w")
     check(capsys, ["predict", str(run_dir), "--data", str(tmp_path / "nan.csv")], 2, "row 2 column 'x'")
-    check(capsys, ["predict", str(run_dir), "--input", "x=nan"], 2, "NaN")
+    check(capsys, ["predict", str(run_dir), "--input", "x=nan"], 2, "--input 'x=nan' holds a NaN")
+    check(capsys, ["predict", str(run_dir), "--input", "x=1,inf"], 2, "an infinity")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import warnings
 from datetime import datetime
@@ -369,6 +370,9 @@ def _parse_inputs(items, names):
             values[name] = [float(v) for v in text.split(",")]
         except ValueError:
             raise NnfitError(f"--input {item!r}: {text!r} is not a number or comma-separated numbers") from None
+        if not all(math.isfinite(v) for v in values[name]):
+            raise NnfitError(f"--input {item!r} holds a NaN or an infinity; the model predicts from finite numbers "
+                             "only: give finite values")
     missing = [n for n in names if n not in values]
     if missing:
         raise NnfitError(f"missing --input for {', '.join(missing)}; the model takes {', '.join(names)}")
