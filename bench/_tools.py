@@ -84,7 +84,8 @@ def train_nnfit(Xtr, ytr, Xte, yte, budget, stop_mse=None, **settings):
             clock.pause()
 
     watcher = Watcher(quiet=True)
-    fitted = nnfit.fit(data=frame, target="y", model=module, config=config, reporter=watcher)
+    # A factory, not the instance: fit trains a copy of an instance, and the watcher must see the trained module.
+    fitted = nnfit.fit(data=frame, target="y", model=lambda: module, config=config, reporter=watcher)
     out = _result(trace, _mse(fitted.predict(Xte), yte), clock, len(trace))
     out["recipe"] = watcher.recipe
     return out

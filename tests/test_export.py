@@ -41,7 +41,8 @@ def run(request, tutorial_run, two_by_two):
 def nnfit_predict(run_dir, X, tmp_path):
     model = nnfit.load(run_dir)
     pd.DataFrame(X, columns=model.input_names).to_csv(tmp_path / "in.csv", index=False)
-    assert main(["predict", str(run_dir), "--data", str(tmp_path / "in.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    assert main(["predict", str(run_dir), "--data", str(tmp_path / "in.csv"), "--out", str(tmp_path / "p.csv"),
+                 "--overwrite"]) == 0  # each batch size predicts into the same file
     return pd.read_csv(tmp_path / "p.csv")[[f"{t}_pred" for t in model.target_names]].to_numpy()
 
 
