@@ -113,6 +113,14 @@ def test_onnx_gives_mean_and_std(ensemble_run, tmp_path):
     assert np.allclose(y[:, 0], mean, atol=1e-5) and np.allclose(y_std[:, 0], std, atol=1e-5)
 
 
+def test_export_says_an_ensemble_has_two_outputs(ensemble_run, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    _, out = ensemble_run
+    assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    said = capsys.readouterr().out
+    assert "outputs y, the 4 members' mean, and y_std, their standard deviation" in said, said
+
+
 def test_fit_plot_draws_the_band(ensemble_run):
     from nnfit.report import fit_figure
 

@@ -427,9 +427,11 @@ def cmd_export(args) -> int:
     _check_out(args.out, args.overwrite, export=True)
     model = nnfit.load(args.run)
     path = model.export(args.format, args.out)
+    targets = f"(batch, {len(model.target_names)}), {', '.join(model.target_names)}"
+    outputs = (f"outputs y, the {model.members} members' mean, and y_std, their standard deviation, each of shape "
+               f"{targets}" if model.members > 1 else f"output y of shape {targets}")
     print(f"wrote {path}: input x of shape (batch, {len(model.input_names)}), columns "
-          f"{', '.join(model.input_names)}; output y of shape (batch, {len(model.target_names)}), "
-          f"{', '.join(model.target_names)}; original units")
+          f"{', '.join(model.input_names)}; {outputs}; original units")
     return 0
 
 
