@@ -299,6 +299,7 @@ def test_bad_checkpoint_every(tmp_path, capsys):
 def test_evaluate_rejects_bad_samples_and_seed(run_dir, capsys):
     check(capsys, ["evaluate", str(run_dir), "--samples", "-5"], 2, "--samples must be a positive integer")
     check(capsys, ["evaluate", str(run_dir), "--samples", "0"], 2, "--samples must be a positive integer")
+    check(capsys, ["evaluate", str(run_dir), "--samples", "1"], 2, "--samples 1 is too few to score a model")
     check(capsys, ["evaluate", str(run_dir), "--seed", "-1"], 2, "--seed must be 0 or more")
 
 

@@ -178,6 +178,9 @@ class FittedModel:
                              "model is a single network; train with ensemble=K (K >= 2, CLI: --ensemble K)")
         if samples is not None and (not isinstance(samples, int) or samples <= 0):
             raise NnfitError(f"{S('samples')} must be a positive integer, got {samples!r}")
+        if samples == 1:  # R² of one point is undefined (0/0), and so is the spread's rank correlation
+            raise NnfitError(f"{S('samples')} 1 is too few to score a model (R² compares at least two points); "
+                             f"pass {S('samples')} 2 or more, or leave it out for the run's test samples")
         if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= INT64_MAX):
             raise NnfitError(f"{S('seed')} must be 0 or more and at most {INT64_MAX}, got {seed!r}")
         if X is not None:
