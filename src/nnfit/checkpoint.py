@@ -8,12 +8,12 @@ import errno
 import hashlib
 import json
 import os
-import stat
 import tempfile
 from pathlib import Path
 
 from nnfit.errors import NnfitError
 from nnfit.runfolder import FORMAT_VERSION, META, STATE, STATE_TENSORS, STATE_VERSION, WEIGHTS  # noqa: F401
+from nnfit.runfolder import is_regular_file
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -60,16 +60,9 @@ def _check_regular(path: Path) -> None:
     """Only a regular file may be replaced: the rename would swap a device (/dev/null), a FIFO or a folder
     for a plain file."""
     try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return
+        is_regular_file(path)
     except OSError as exc:
         raise NnfitError(f"could not write {path}: {_reason(exc)}") from None
-    if not stat.S_ISREG(mode):
-        from nnfit.runfolder import _kind
-
-        raise NnfitError(f"{path} is {_kind(mode)}, not a regular file; nnfit writes only regular files (it "
-                         "would replace it): choose a file path")
 
 
 _UMASK = os.umask(0o022)

@@ -113,8 +113,7 @@ def build_mlp(n_inputs: int, n_outputs: int, config) -> MLP | StackedMLP:
     members = getattr(config, "ensemble", 1)
     # Checked before allocating, in host memory (where the network is built), by the estimate the training
     # loop checks again on its device: here without the batch and the data, with Adam's two moments.
-    size = torch.finfo(getattr(torch, config.dtype)).bits // 8
-    estimate = training_memory(n_inputs, n_outputs, config.hidden, members, size, moments=2, batch=1, rows=0)
+    estimate = training_memory(n_inputs, n_outputs, config.hidden, members, element_size(config.dtype), moments=2, batch=1, rows=0)
     asked = f" with {S('ensemble', members)}" if members > 1 else ""
     free = devices.free_host_memory()  # read once: the check and the most that fit agree
     fits = "" if members == 1 else f" (the most that fit: {S('ensemble', estimate.largest(free))})"
@@ -155,6 +154,17 @@ TRAINING_COPIES = 2 + 2 + 2 * 3
 ACTIVATION_COPIES = 3
 
 
+def parameter_count(n_inputs: int, n_outputs: int, hidden) -> int:
+    """Weights and biases of one MLP of these widths, counted without building it (it may not fit)."""
+    widths = [n_inputs, *hidden, n_outputs]
+    return sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+
+
+def element_size(dtype: str) -> int:
+    """Bytes per number of the run's ``dtype`` setting ("float32", "float64")."""
+    return torch.finfo(getattr(torch, dtype)).bits // 8
+
+
 def training_memory(n_inputs: int, n_outputs: int, hidden, members: int, element_size: int, moments: int,
                     batch: int, rows: int, floor: int = 1, optimizer: str = "adam") -> devices.MemoryEstimate:
     """Bytes to train ``members`` MLPs of this shape, per member: the parameters' copies (weights, gradients,
@@ -162,7 +172,7 @@ def training_memory(n_inputs: int, n_outputs: int, hidden, members: int, element
     ``batch`` rows, and the ``rows`` training rows each member's epoch gathers in its own order. Numbers of
     ``element_size`` bytes. K members need K times as much: nothing is shared among them."""
     widths = [n_inputs, *hidden, n_outputs]
-    parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    parameters = parameter_count(n_inputs, n_outputs, hidden)
     copies = TRAINING_COPIES + 3 * moments  # the optimizer's state: live, and in both points
     what = (f"{copies} copies (weights, gradients, {moments} of the optimizer's state, "
             f"{copies - 2 - moments} in the loop's snapshots)")  # "... of its N parameters" follows

@@ -97,6 +97,20 @@ def read_bytes(folder, name: str, limit: int) -> bytes:
     return data
 
 
+def is_regular_file(path) -> bool:
+    """True for a regular file, False where nothing is; an NnfitError for anything else, which a write's
+    rename would swap for a plain file (a folder, a device such as /dev/null, a FIFO). Other OSErrors (a
+    permission) are the caller's to word."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if not stat.S_ISREG(mode):
+        raise NnfitError(f"{path} is {_kind(mode)}, not a regular file; nnfit writes only regular files (it "
+                         "would replace it): choose a file path")
+    return True
+
+
 def _kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
@@ -365,13 +379,12 @@ def expected_tensors(meta: dict) -> dict[str, tuple] | None:
     allocated); None for a custom module, whose buffers are not described."""
     import torch
 
-    from nnfit.model import rebuild
+    from nnfit.model import parameter_count, rebuild
 
     arch = meta["architecture"]
     if arch["type"] != "mlp":
         return None
-    widths = [arch["inputs"], *arch["hidden"], arch["outputs"]]
-    count = arch.get("members", 1) * sum(a * b + b for a, b in zip(widths, widths[1:]))
+    count = arch.get("members", 1) * parameter_count(arch["inputs"], arch["outputs"], arch["hidden"])
     if count * 8 >= 2**62:  # counted before anything is built: torch's own size arithmetic would overflow
         raise NnfitError(f"model.json describes a network of {count:,} parameters, more than any file can hold; "
                          "the run folder was edited: retrain, or restore it from a copy")
@@ -1069,14 +1082,10 @@ def check_new_file(path, overwrite: bool, data=None, export: bool = False) -> No
     allowed = EXPORT_FILES if export else ()
     check_output(path, allowed)
     try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return
+        if not is_regular_file(path):
+            return
     except OSError as exc:
         raise NnfitError(f"could not check --out {path}: {exc.strerror or exc}; choose another --out") from None
-    if not stat.S_ISREG(mode):
-        raise NnfitError(f"{path} is {_kind(mode)}, not a regular file; nnfit writes only regular files (it "
-                         "would replace it): choose a file path")
     parent = path.resolve().parent
     if path.name in allowed and any(os.path.lexists(parent / n) for n in (META, STATE)):
         return  # a run's own export, written again as nnfit export RUN does without --out

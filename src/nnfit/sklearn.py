@@ -133,12 +133,11 @@ class Regressor(RegressorMixin, BaseEstimator):
         if start is not None:  # partial_fit goes on in the names of its first call
             inputs, targets = list(start.input_names), list(start.target_names)
         else:  # the user's column names where usable, so that model_.save() runs predict on their tables
-            inputs = _usable(getattr(self, "feature_names_in_", None), X.shape[1]) \
-                or [f"x{i}" for i in range(X.shape[1])]
-            targets = _usable(target_names, Y.shape[1], taken=inputs) or [f"y{j}" for j in range(Y.shape[1])]
+            plain = [f"x{i}" for i in range(X.shape[1])], [f"y{j}" for j in range(Y.shape[1])]
+            inputs = _usable(getattr(self, "feature_names_in_", None), X.shape[1]) or plain[0]
+            targets = _usable(target_names, Y.shape[1], taken=inputs) or plain[1]
             if set(targets) & set(inputs):  # the fallback y0.. named as an input column
-                inputs = [f"x{i}" for i in range(X.shape[1])]
-                targets = [f"y{j}" for j in range(Y.shape[1])]
+                inputs, targets = plain
         frame = pd.DataFrame(np.hstack([X, Y]), columns=inputs + targets)
         config = self._config(inputs, targets, partial=partial)
         ctx = devices.init_context(config)

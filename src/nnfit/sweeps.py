@@ -357,7 +357,7 @@ def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> No
     """What each run would check only when it starts (its network's memory, --init-from's architecture),
     checked for every configuration before the first trains, so that a mistake costs no training time."""
     from nnfit import devices, runfolder
-    from nnfit.model import training_memory
+    from nnfit.model import element_size, training_memory
 
     n_in, n_out = len(problem.input_names), len(problem.target_names)
     problems = []
@@ -377,7 +377,7 @@ def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> No
                             f"{_names(wrong)} of the sweep build another network, which cannot start from its "
                             f"weights{keep}")
     free = devices.free_host_memory()
-    size = _element_size(config)
+    size = element_size(config.dtype)
     need = {t.index: training_memory(n_in, n_out, t.config.hidden, t.config.ensemble, size, moments=2, batch=1,
                                      rows=0).total() for t in trials}
     big = [t for t in trials if need[t.index] > free]
@@ -395,12 +395,6 @@ def _preflight(trials: list[Trial], config: Config, problem, n_train: int) -> No
                             "list fewer learning rates in --lr, or give the network smaller widths")
     if problems:
         raise NnfitError("nothing was trained: " + "; and ".join(problems))
-
-
-def _element_size(config: Config) -> int:
-    import torch
-
-    return torch.finfo(getattr(torch, config.dtype)).bits // 8
 
 
 def _names(trials: list[Trial]) -> str:
@@ -514,10 +508,10 @@ def _as_full_run(trial: Trial, problem, n_train: int) -> None:
 
 
 def _recipe(config: Config, problem, n_train: int):
+    from nnfit.model import parameter_count
     from nnfit.train import choose_recipe
 
-    widths = [len(problem.input_names), *config.hidden, len(problem.target_names)]
-    n_params = sum((a + 1) * b for a, b in itertools.pairwise(widths))  # counted, not built: it may not fit
+    n_params = parameter_count(len(problem.input_names), len(problem.target_names), config.hidden)
     return choose_recipe(config, n_train, n_params)
 
 

@@ -85,7 +85,7 @@ def capture(model, optimizer, lr_factor: float, plan, generator, result, best_st
     if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
         # The run's own device's generator only (under DDP each rank's is its device's; the state rank 0
         # saves would otherwise hold every GPU's as rank 0's process sees them).
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = _cuda_index(device)
         fresh[f"rng/cuda/{index}"] = torch.cuda.get_rng_state(index)
     if perm is not None:
         live["perm"] = perm
@@ -167,6 +167,10 @@ def unpacked(state: State, key: str):
         value, {k: v.clone() for k, v in state.tensors.items() if k.startswith(start)})
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def restore_rng(state: State, generator: torch.Generator, device: torch.device | None = None, note=None) -> None:
     """The RNG states back as ``state`` saved them; on CUDA, ``device``'s generator only. ``note`` (a log
     line) says when the saved CUDA state cannot be restored, e.g. a state saved with every GPU's generator
@@ -175,7 +179,7 @@ def restore_rng(state: State, generator: torch.Generator, device: torch.device |
     generator.set_state(state.tensors["rng/generator"])
     cuda = {int(k.rpartition("/")[2]): state.tensors[k] for k in state.tensors if k.startswith("rng/cuda/")}
     if device is not None and device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = _cuda_index(device)
         # one saved state: the run's own generator, whichever GPU it was on; several (older runs): this GPU's
         saved = next(iter(cuda.values())) if len(cuda) == 1 else cuda.get(index)
         if saved is not None:
